@@ -1,0 +1,85 @@
+"""The ``mnv3det`` command.
+
+* ``mnv3det fit|validate|test|predict --config CONFIG.yaml ...``: LightningCLI. The config
+  names the task (``model.class_path``) and data module (``data.class_path``), so detection
+  and segmentation share one command; ``--print_config`` works as usual.
+* ``mnv3det demo [detection|segmentation]``: train on generated data on the CPU (both by default).
+* ``mnv3det info``: parameter/MAdds/taps table of every MobileNetV3 variant.
+* ``mnv3det export`` / ``mnv3det benchmark``: deployment tools (see their ``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+TOOL_SUBCOMMANDS = {
+    "demo": "mnv3det.demos",
+    "export": "mnv3det.export",
+    "benchmark": "mnv3det.benchmark",
+}
+USAGE = """usage: mnv3det {fit,validate,test,predict,demo,info,export,benchmark} ...
+
+  fit|validate|test|predict  LightningCLI; e.g. mnv3det fit --config configs/ssdlite320_mnv3_large_coco.yaml
+  demo [detection|segmentation]  train on generated data on the CPU and print the metrics
+  info                       MobileNetV3 variants: params, MAdds@224, taps
+  export                     ONNX export (see mnv3det export --help)
+  benchmark                  speed table (see mnv3det benchmark --help)
+"""
+
+
+def run_lightning_cli(args: list[str]) -> None:
+    """Run LightningCLI with the task/data classes named in the config."""
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    LightningCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
+def info_main(argv: list[str]) -> int:
+    """``mnv3det info``: print the variant table."""
+    parser = argparse.ArgumentParser(prog="mnv3det info", description=info_main.__doc__)
+    parser.parse_args(argv)
+    from mnv3det.info import info_table
+
+    print(info_table())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mnv3det`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command in LIGHTNING_SUBCOMMANDS:
+        run_lightning_cli(argv)
+        return 0
+    if command == "info":
+        return info_main(rest)
+    if command in TOOL_SUBCOMMANDS:
+        try:
+            module = importlib.import_module(TOOL_SUBCOMMANDS[command])
+        except ModuleNotFoundError as err:
+            if err.name != TOOL_SUBCOMMANDS[command]:
+                raise
+            print(f"mnv3det {command}: not available in this version", file=sys.stderr)
+            return 2
+        return int(module.main(rest) or 0)
+    print(f"mnv3det: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

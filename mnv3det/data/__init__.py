@@ -1,0 +1,1 @@
+"""Data: COCO and Cityscapes readers, albumentations pipelines and synthetic data generators."""

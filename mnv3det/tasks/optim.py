@@ -1,0 +1,113 @@
+"""Optimiser and schedule helpers shared by the detection and segmentation tasks.
+
+* Weight decay only on conv/linear weights: not on norm layers or biases (torchvision's
+  reference scripts ``--norm-weight-decay 0``, and the SSD/MobileNet recipes).
+* Learning-rate multipliers per step: linear warm-up then cosine (torchvision's SSDLite recipe)
+  or polynomial decay (DeepLab/LR-ASPP recipe, power 0.9).
+* Optional EMA of weights via ``torch.optim.swa_utils.AveragedModel``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Split parameters into a decayed group (conv/linear weights) and an undecayed one.
+
+    Args:
+        model: the model to optimise; frozen parameters (``requires_grad=False``) are skipped.
+        weight_decay: decay for conv/linear weights; norm weights and all biases get 0.
+    """
+    norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            if isinstance(module, norm_types) or name.endswith("bias"):
+                no_decay.append(param)
+            else:
+                decay.append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def warmup_cosine(
+    step: int, total_steps: int, warmup_steps: int, warmup_factor: float = 1e-3
+) -> float:
+    """Multiplier of the base lr: linear warm-up from ``warmup_factor`` then cosine to 0."""
+    if warmup_steps > 0 and step < warmup_steps:
+        alpha = step / warmup_steps
+        return warmup_factor * (1 - alpha) + alpha
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def warmup_poly(
+    step: int,
+    total_steps: int,
+    warmup_steps: int = 0,
+    power: float = 0.9,
+    warmup_factor: float = 1e-3,
+) -> float:
+    """Multiplier of the base lr: optional linear warm-up then ``(1 - t/T) ** power``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        alpha = step / warmup_steps
+        return warmup_factor * (1 - alpha) + alpha
+    progress = min(1.0, step / max(1, total_steps))
+    return (1 - progress) ** power
+
+
+def sgd_with_schedule(
+    model: nn.Module,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    total_steps: int,
+    warmup_steps: int,
+    schedule: str = "cosine",
+) -> dict:
+    """SGD (Nesterov off, as in the recipes) plus a per-step LambdaLR, in Lightning's format.
+
+    Args:
+        model: model whose trainable parameters are optimised.
+        lr: base learning rate.
+        momentum: SGD momentum.
+        weight_decay: decay for conv/linear weights only.
+        total_steps: optimiser steps of the whole run (``trainer.estimated_stepping_batches``).
+        warmup_steps: linear warm-up steps.
+        schedule: "cosine" or "poly".
+
+    Returns:
+        The dict ``configure_optimizers`` returns.
+    """
+    if schedule not in ("cosine", "poly"):
+        raise ValueError(f"schedule must be 'cosine' or 'poly', got {schedule!r}")
+    optimizer = torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=momentum)
+    if schedule == "cosine":
+
+        def factor(step: int) -> float:
+            return warmup_cosine(step, total_steps, warmup_steps)
+    else:
+
+        def factor(step: int) -> float:
+            return warmup_poly(step, total_steps, warmup_steps)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+    }
+
+
+def make_ema(model: nn.Module, decay: float = 0.9998) -> torch.optim.swa_utils.AveragedModel:
+    """Exponential moving average of weights and buffers (BN statistics included)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
