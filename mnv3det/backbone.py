@@ -244,7 +244,7 @@ class MobileNetV3Backbone(nn.Module):
         for cfg in configs:
             nominal *= cfg.stride
             stages.append(nominal.bit_length() - 1)
-        return stages + [stages[-1]]
+        return [*stages, stages[-1]]
 
     @staticmethod
     def default_taps() -> tuple[str, ...]:
