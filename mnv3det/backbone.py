@@ -198,14 +198,15 @@ class MobileNetV3Backbone(nn.Module):
         order = [spec.info.name for spec in self._all_taps]
         self._taps = sorted((by_name[n] for n in selected), key=lambda s: order.index(s.info.name))
 
+        # Drop everything past the deepest tap: not computed, not trained, not in state_dict.
+        # (Checkpoint keys of dropped layers are then reported as unused by the loader.)
+        deepest = max(spec.index for spec in self._taps)
+        self.features = self.features[: deepest + 1]
         self.weights_report = None
         if weights is not None:
             from mnv3det.weights import load_backbone_weights
 
             self.weights_report = load_backbone_weights(self, weights)
-        # Drop everything past the deepest tap: not computed, not trained, not in state_dict.
-        deepest = max(spec.index for spec in self._taps)
-        self.features = self.features[: deepest + 1]
 
         if frozen_bn:
             freeze_batch_norm(self)

@@ -23,6 +23,10 @@ from mnv3det.backbone import MobileNetV3Backbone
 class BackboneWithFPN(nn.Module):
     """Backbone taps -> FPN; ``out_channels`` is the FPN width.
 
+    Outputs are keyed ``"0"``, ``"1"``, ... in the order of ``body.feature_info``, followed by
+    the extra levels (``"pool"`` or ``"p6"``, ``"p7"``), exactly like torchvision's
+    ``BackboneWithFPN``.
+
     Attributes:
         body: the :class:`MobileNetV3Backbone`.
         fpn: ``torchvision.ops.FeaturePyramidNetwork``.
@@ -47,7 +51,10 @@ class BackboneWithFPN(nn.Module):
         self.out_channels = out_channels
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        return self.fpn(self.body(x))
+        # Keys "0", "1", ... (then "pool" or "p6", "p7"), as torchvision's BackboneWithFPN, so
+        # the detectors' default MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"]) works.
+        feats = self.body(x)
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats.values())))
 
 
 def with_fpn(
@@ -68,6 +75,10 @@ def with_fpn(
 
     Returns:
         A module with ``out_channels`` returning an OrderedDict of maps.
+
+    With taps ``stage2, stage3, stage4, last_conv`` (strides 4-32) and ``"pool"`` the output
+    has the 5 levels that FasterRCNN's default anchor generator expects; with taps
+    ``stage3, stage4, last_conv`` and ``"p6p7"`` it has RetinaNet's / FCOS's P3-P7.
     """
     if isinstance(extra_blocks, str):
         if extra_blocks == "pool":

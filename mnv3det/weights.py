@@ -181,10 +181,11 @@ def timm_to_torchvision(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def load_backbone_weights(
     model: nn.Module, source: str | Path | Mapping[str, Tensor]
 ) -> LoadReport:
-    """Load a torchvision/timm MobileNetV3 checkpoint into a full (unpruned) backbone.
+    """Load a torchvision/timm MobileNetV3 checkpoint into a backbone.
 
     Args:
-        model: a :class:`mnv3det.backbone.MobileNetV3Backbone` before pruning.
+        model: a :class:`mnv3det.backbone.MobileNetV3Backbone`; checkpoint keys of layers it
+            does not keep (past its deepest tap) are reported as unused.
         source: path or state_dict.
 
     Returns:
@@ -219,17 +220,17 @@ def load_matching(
     missing = [k for k in own if k not in state]
     wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
     if missing or wrong:
-        lines = [
+        problems = [
             f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-            for k in wrong[:5]
-        ]
-        lines += [
-            f"{k}: missing from checkpoint (model {tuple(own[k].shape)})" for k in missing[:5]
+            if k in state
+            else f"{k}: missing from checkpoint (model {tuple(own[k].shape)})"
+            for k in own
+            if k not in state or state[k].shape != own[k].shape
         ]
         raise CheckpointMismatchError(
             f"weights {name} ({fmt} format) do not fit {describe}: {len(wrong)} shape "
             f"mismatches, {len(missing)} missing keys; first: "
-            + "; ".join(lines)
+            + "; ".join(problems[:5])
             + ". Build the model with the arch/width_mult/reduced_tail the checkpoint was "
             "trained with."
         )
