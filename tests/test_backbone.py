@@ -140,7 +140,9 @@ def test_norm_eval_keeps_batchnorm_statistics_fixed() -> None:
 
 def test_frozen_bn_replaces_batchnorm_and_keeps_outputs() -> None:
     ref = mnv3det.mobilenet_v3("small", taps=["stage4"]).eval()
-    frozen = mnv3det.mobilenet_v3("small", taps=["stage4"], weights=ref.state_dict(), frozen_bn=True)
+    frozen = mnv3det.mobilenet_v3(
+        "small", taps=["stage4"], weights=ref.state_dict(), frozen_bn=True
+    )
     assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())
     assert any(isinstance(m, FrozenBatchNorm2d) for m in frozen.modules())
     x = torch.randn(1, 3, 64, 64)
