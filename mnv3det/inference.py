@@ -11,6 +11,7 @@ own MobileNetV3 models.
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ def fuse_conv_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
         if not isinstance(module, nn.Sequential):
             continue
         names = list(module._modules)
-        for first, second in zip(names, names[1:]):
+        for first, second in itertools.pairwise(names):
             conv, bn = module._modules[first], module._modules[second]
             if (
                 type(conv) is nn.Conv2d
