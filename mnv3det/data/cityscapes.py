@@ -1,0 +1,226 @@
+"""Cityscapes semantic segmentation reader (the LR-ASPP data set of the paper, §6.4).
+
+Reads the official layout::
+
+    root/leftImg8bit/{split}/{city}/{city}_{seq}_{frame}_leftImg8bit.png
+    root/gtFine/{split}/{city}/{city}_{seq}_{frame}_gtFine_labelIds.png        (label ids 0..33)
+    root/gtFine/{split}/{city}/{city}_{seq}_{frame}_gtFine_labelTrainIds.png   (optional, train ids)
+
+Label ids are mapped to the 19 train ids with everything else 255 (ignored), exactly as
+cityscapesScripts' table defines (:mod:`mnv3det.data.cityscapes_labels`). Ready-made
+``*_labelTrainIds.png`` files (from ``createTrainIdLabelImgs``) are accepted too.
+
+Bad data is an error naming the file, never silently trained on: a missing label file, an image
+and label of different sizes, or a label value that is not a Cityscapes id (or train id).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mnv3det.data.cityscapes_labels import (
+    ID_TO_TRAINID,
+    IGNORE_INDEX,
+    NUM_CLASSES,
+    VALID_LABEL_IDS,
+)
+from mnv3det.data.image_io import read_label_png, read_rgb
+
+IMAGE_SUFFIX = "_leftImg8bit.png"
+LABEL_SUFFIXES = {"labelIds": "_gtFine_labelIds.png", "labelTrainIds": "_gtFine_labelTrainIds.png"}
+LabelType = Literal["auto", "labelIds", "labelTrainIds"]
+
+EXPECTED_LAYOUT = (
+    "expected the official Cityscapes layout: ROOT/leftImg8bit/{split}/{city}/*_leftImg8bit.png "
+    "with ROOT/gtFine/{split}/{city}/*_gtFine_labelIds.png (or *_gtFine_labelTrainIds.png)"
+)
+
+_VALID_ID_LUT = np.zeros(256, dtype=bool)
+_VALID_ID_LUT[sorted(VALID_LABEL_IDS)] = True
+_VALID_TRAINID_LUT = np.zeros(256, dtype=bool)
+_VALID_TRAINID_LUT[:NUM_CLASSES] = True
+_VALID_TRAINID_LUT[IGNORE_INDEX] = True
+
+
+class CityscapesDataError(ValueError):
+    """A Cityscapes image/label pair is inconsistent (size mismatch, unknown label value)."""
+
+
+class CityscapesLabelNotFoundError(FileNotFoundError):
+    """An image has no matching ``gtFine`` label file."""
+
+
+def _unknown_values(values: np.ndarray, valid_lut: np.ndarray) -> list[int]:
+    uniq = np.unique(values)
+    return [int(v) for v in uniq if v < 0 or v > 255 or not valid_lut[int(v)]]
+
+
+def label_ids_to_train_ids(label: np.ndarray, path: str | Path = "<array>") -> np.ndarray:
+    """Map a Cityscapes label-id array to train ids (0..18, 255 ignored).
+
+    Args:
+        label: ``(H, W)`` integer array of label ids (0..33).
+        path: file the array came from, for the error message.
+
+    Returns:
+        ``(H, W)`` uint8 train ids.
+
+    Raises:
+        CityscapesDataError: a value is not a Cityscapes label id.
+    """
+    bad = _unknown_values(label, _VALID_ID_LUT)
+    if bad:
+        raise CityscapesDataError(
+            f"label file {path} contains values {bad} that are not Cityscapes label ids (0..33). "
+            "If the file holds train ids (0..18, 255), name it *_gtFine_labelTrainIds.png or pass "
+            "label_type='labelTrainIds'."
+        )
+    return ID_TO_TRAINID[label.astype(np.intp)]
+
+
+def check_train_ids(label: np.ndarray, path: str | Path = "<array>") -> np.ndarray:
+    """Validate a train-id array (0..18 or 255) and return it as uint8.
+
+    Raises:
+        CityscapesDataError: a value is neither a train id 0..18 nor 255.
+    """
+    bad = _unknown_values(label, _VALID_TRAINID_LUT)
+    if bad:
+        raise CityscapesDataError(
+            f"label file {path} contains values {bad} that are not Cityscapes train ids "
+            f"(0..{NUM_CLASSES - 1}, or {IGNORE_INDEX} for ignore). If the file holds label ids "
+            "(0..33), use the *_gtFine_labelIds.png file or label_type='labelIds'."
+        )
+    return label.astype(np.uint8)
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 RGB -> ``FloatTensor[3, H, W]`` in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+
+
+class CityscapesSegmentation(Dataset):
+    """Cityscapes (or a generated data set in the same layout) for semantic segmentation.
+
+    Each item is ``(image, mask)``: ``image`` a ``FloatTensor[3, H, W]`` in [0, 1] (RGB, not
+    normalised; the model normalises), ``mask`` a ``LongTensor[H, W]`` of train ids 0..18 with
+    255 for ignored pixels.
+
+    Args:
+        root: data set folder holding ``leftImg8bit/`` and ``gtFine/``.
+        split: split folder name (``train``, ``val``, ``test``, ...).
+        transforms: albumentations-style callable ``transforms(image=HWC uint8, mask=HW uint8)
+            -> {"image": ..., "mask": ...}`` applied before conversion to tensors (see
+            :mod:`mnv3det.data.segmentation_transforms`). ``None``: no transform.
+        label_type: ``"labelIds"`` reads ``*_gtFine_labelIds.png`` and maps ids to train ids;
+            ``"labelTrainIds"`` reads ready ``*_gtFine_labelTrainIds.png``; ``"auto"`` uses the
+            train-id file where one exists, else the label-id file.
+        label_dir: annotation folder name (``gtFine``; ``gtCoarse`` works the same way).
+
+    Attributes:
+        files: list of ``(image_path, label_path)`` pairs, sorted.
+        label_types: ``"labelIds"`` or ``"labelTrainIds"`` for each entry of ``files``.
+
+    Raises:
+        FileNotFoundError: the split folder is missing or holds no ``*_leftImg8bit.png`` images
+            (names the path and the expected layout).
+        CityscapesLabelNotFoundError: an image has no label file (names the expected file).
+        ValueError: unknown ``label_type``.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        transforms: Callable[..., dict[str, Any]] | None = None,
+        label_type: LabelType = "auto",
+        label_dir: str = "gtFine",
+    ) -> None:
+        if label_type not in ("auto", "labelIds", "labelTrainIds"):
+            raise ValueError(
+                f"label_type must be 'auto', 'labelIds' or 'labelTrainIds', got {label_type!r}"
+            )
+        self.root = Path(root)
+        self.split = split
+        self.transforms = transforms
+        self.label_type = label_type
+        image_dir = self.root / "leftImg8bit" / split
+        if not image_dir.is_dir():
+            raise FileNotFoundError(
+                f"Cityscapes split folder not found: {image_dir}; {EXPECTED_LAYOUT}"
+            )
+        images = sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}"))
+        if not images:
+            raise FileNotFoundError(
+                f"no *{IMAGE_SUFFIX} images in {image_dir}/<city>/; {EXPECTED_LAYOUT}"
+            )
+        label_root = self.root / label_dir / split
+        suffix_ids = LABEL_SUFFIXES["labelIds"].replace("gtFine", label_dir)
+        suffix_train = LABEL_SUFFIXES["labelTrainIds"].replace("gtFine", label_dir)
+        self.files: list[tuple[Path, Path]] = []
+        self.label_types: list[str] = []
+        for image_path in images:
+            stem = image_path.name[: -len(IMAGE_SUFFIX)]
+            city_dir = label_root / image_path.parent.name
+            train_path, ids_path = (
+                city_dir / f"{stem}{suffix_train}",
+                city_dir / f"{stem}{suffix_ids}",
+            )
+            if label_type == "labelTrainIds" or (label_type == "auto" and train_path.is_file()):
+                chosen, kind = train_path, "labelTrainIds"
+            else:
+                chosen, kind = ids_path, "labelIds"
+            if not chosen.is_file():
+                wanted = f"{ids_path} or {train_path}" if label_type == "auto" else str(chosen)
+                raise CityscapesLabelNotFoundError(
+                    f"label file for image {image_path} not found: expected {wanted}; {EXPECTED_LAYOUT}"
+                )
+            self.files.append((image_path, chosen))
+            self.label_types.append(kind)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Read one pair without transforms: ``(H, W, 3)`` uint8 RGB and ``(H, W)`` uint8 train ids.
+
+        Raises:
+            CityscapesDataError: size mismatch or unknown label value (names the files).
+        """
+        image_path, label_path = self.files[index]
+        image = read_rgb(image_path)
+        raw = read_label_png(label_path)
+        if raw.shape != image.shape[:2]:
+            raise CityscapesDataError(
+                f"image {image_path} is {image.shape[0]}x{image.shape[1]} (HxW) but its label "
+                f"{label_path} is {raw.shape[0]}x{raw.shape[1]}; they must be the same size"
+            )
+        if self.label_types[index] == "labelIds":
+            mask = label_ids_to_train_ids(raw, label_path)
+        else:
+            mask = check_train_ids(raw, label_path)
+        return image, mask
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.load(index)
+        if self.transforms is not None:
+            out = self.transforms(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        if isinstance(image, torch.Tensor):  # a pipeline ending in ToTensorV2
+            image_t = image.float().div(255.0) if image.dtype == torch.uint8 else image.float()
+        else:
+            image_t = image_to_tensor(image)
+        mask_t = torch.as_tensor(np.asarray(mask), dtype=torch.long)
+        return image_t, mask_t
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, "
+            f"images={len(self)}, label_type={self.label_type!r})"
+        )
