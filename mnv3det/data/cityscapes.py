@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -224,3 +225,83 @@ class CityscapesSegmentation(Dataset):
             f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, "
             f"images={len(self)}, label_type={self.label_type!r})"
         )
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class SegmentationImageFolder(Dataset):
+    """Images to predict on: items ``(image, {"file_name", "orig_size", "input_size"})``.
+
+    ``image`` is a ``FloatTensor[3, H, W]`` in [0, 1] (after the optional resize);
+    ``file_name`` is the path relative to ``folder`` (so outputs can mirror the folder tree),
+    ``orig_size`` the ``(H, W)`` of the file and ``input_size`` the ``(H, W)`` of ``image``.
+
+    Args:
+        folder: image folder, searched recursively (e.g. ``ROOT/leftImg8bit/test``).
+        resize: optional ``(height, width)`` to resize every image to (bilinear).
+
+    Raises:
+        FileNotFoundError: the folder is missing or holds no images.
+    """
+
+    def __init__(self, folder: str | Path, resize: tuple[int, int] | None = None) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"prediction image folder not found: {self.folder}")
+        self.files = sorted(
+            str(p.relative_to(self.folder))
+            for p in self.folder.rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not self.files:
+            raise FileNotFoundError(
+                f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {self.folder} or its subfolders"
+            )
+        self.resize = None if resize is None else (int(resize[0]), int(resize[1]))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        file_name = self.files[index]
+        image = read_rgb(self.folder / file_name)
+        orig_size = (int(image.shape[0]), int(image.shape[1]))
+        if self.resize is not None and self.resize != orig_size:
+            image = cv2.resize(
+                image, (self.resize[1], self.resize[0]), interpolation=cv2.INTER_LINEAR
+            )
+        meta = {
+            "file_name": file_name,
+            "orig_size": orig_size,
+            "input_size": (int(image.shape[0]), int(image.shape[1])),
+        }
+        return image_to_tensor(image), meta
+
+
+def collate_segmentation(
+    batch: list[tuple[torch.Tensor, Any]],
+) -> tuple[torch.Tensor, Any]:
+    """Stack ``(image, target)`` items; images of different sizes are padded at the bottom/right.
+
+    Images are padded with 0; ``LongTensor`` masks with 255 (ignored by loss and mIoU), so a
+    batch of mixed-size validation images evaluates exactly like one image at a time. Any other
+    target (prediction metadata dicts) is returned as a list; their ``input_size`` tells the
+    unpadded extent.
+
+    Returns:
+        ``(images [N, 3, Hmax, Wmax], masks [N, Hmax, Wmax] or list of targets)``.
+    """
+    images = [item[0] for item in batch]
+    targets = [item[1] for item in batch]
+    h = max(int(im.shape[-2]) for im in images)
+    w = max(int(im.shape[-1]) for im in images)
+    out = images[0].new_zeros((len(images), images[0].shape[0], h, w))
+    for i, im in enumerate(images):
+        out[i, :, : im.shape[-2], : im.shape[-1]] = im
+    if all(isinstance(t, torch.Tensor) for t in targets):
+        masks = targets[0].new_full((len(targets), h, w), IGNORE_INDEX)
+        for i, m in enumerate(targets):
+            masks[i, : m.shape[-2], : m.shape[-1]] = m
+        return out, masks
+    return out, targets

@@ -1,0 +1,219 @@
+"""LightningDataModule for Cityscapes semantic segmentation (LR-ASPP, paper §6.4).
+
+Configs name it ``mnv3det.tasks.segmentation_data.CityscapesDataModule``; with
+``--data.root /data/cityscapes`` it reads the official layout (see
+:mod:`mnv3det.data.cityscapes`), trains on random-scaled, padded, flipped and jittered crops
+(:mod:`mnv3det.data.segmentation_transforms`) and validates on full images. The same module
+reads the generated street scenes of :mod:`mnv3det.data.synthetic_cityscapes` for the demo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from mnv3det.data.cityscapes import (
+    CityscapesSegmentation,
+    SegmentationImageFolder,
+    collate_segmentation,
+)
+from mnv3det.data.cityscapes_labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, PALETTE
+from mnv3det.data.segmentation_transforms import (
+    eval_transforms,
+    seed_worker_transforms,
+    train_transforms,
+)
+
+
+class CityscapesDataModule(L.LightningDataModule):
+    """Cityscapes train/val/test/predict loaders.
+
+    Train and validation items are ``(image FloatTensor[3, H, W] in [0, 1], mask
+    LongTensor[H, W])`` with train ids 0..18 and 255 ignored; batches are
+    ``(images [N, 3, H, W], masks [N, H, W])`` (mixed-size validation images are padded with 0 /
+    mask 255, see :func:`mnv3det.data.cityscapes.collate_segmentation`). Predict batches are
+    ``(images, [{"file_name", "orig_size", "input_size"}, ...])`` from ``predict_dir``.
+
+    Args:
+        root: Cityscapes root (holds ``leftImg8bit/`` and ``gtFine/``).
+        crop_size: ``(height, width)`` training crop; 512x1024 as in mmsegmentation's LR-ASPP.
+        scale_range: random rescale range before cropping (0.5-2.0 in the published recipes).
+        batch_size: training batch size (per device).
+        num_workers: DataLoader workers.
+        train_split: split folder for training.
+        val_split: split folder for validation.
+        test_split: split folder for ``test`` (``None``: ``mnv3det test`` is refused with a
+            clear error; Cityscapes' own test labels are withheld, so usually predict instead).
+        val_resize: optional ``(height, width)`` to resize validation/test/predict images to
+            (demos; the benchmark evaluates at full size, ``None``).
+        predict_dir: folder of images for ``predict`` (searched recursively).
+        label_type: ``"auto"`` (prefer ``*_labelTrainIds.png``), ``"labelIds"`` or
+            ``"labelTrainIds"``.
+        pin_memory: pin host memory for faster transfer to a GPU.
+        val_batch_size: validation/test/predict batch size (default: ``batch_size``).
+        hflip_p: horizontal flip probability in training.
+        color_jitter: photometric jitter strength in training (0 disables it).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        crop_size: tuple[int, int] = (512, 1024),
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        batch_size: int = 8,
+        num_workers: int = 4,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str | None = None,
+        val_resize: tuple[int, int] | None = None,
+        predict_dir: str | Path | None = None,
+        label_type: Literal["auto", "labelIds", "labelTrainIds"] = "auto",
+        pin_memory: bool = True,
+        val_batch_size: int | None = None,
+        hflip_p: float = 0.5,
+        color_jitter: float = 0.3,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
+            raise ValueError(
+                f"batch_size and val_batch_size must be >= 1, got {batch_size}, {val_batch_size}"
+            )
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.save_hyperparameters()
+        self.root = Path(root)
+        self.crop_size = tuple(crop_size)
+        self.scale_range = tuple(scale_range)
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.train_split = train_split
+        self.val_split = val_split
+        self.test_split = test_split
+        self.val_resize = None if val_resize is None else tuple(val_resize)
+        self.predict_dir = None if predict_dir is None else Path(predict_dir)
+        self.label_type = label_type
+        self.pin_memory = pin_memory
+        self.hflip_p = hflip_p
+        self.color_jitter = color_jitter
+        self._train: CityscapesSegmentation | None = None
+        self._val: CityscapesSegmentation | None = None
+        self._test: CityscapesSegmentation | None = None
+        self._predict: SegmentationImageFolder | None = None
+
+    # Metadata the task and the demo read (no data needs to exist for these).
+    num_classes: int = NUM_CLASSES
+    class_names: tuple[str, ...] = CLASS_NAMES
+    ignore_index: int = IGNORE_INDEX
+    palette = PALETTE
+
+    @property
+    def train_dataset(self) -> CityscapesSegmentation:
+        """The training split with the random-crop pipeline (built on first use)."""
+        if self._train is None:
+            self._train = CityscapesSegmentation(
+                self.root,
+                self.train_split,
+                transforms=train_transforms(
+                    self.crop_size,
+                    self.scale_range,
+                    hflip_p=self.hflip_p,
+                    color_jitter=self.color_jitter,
+                ),
+                label_type=self.label_type,
+            )
+        return self._train
+
+    @property
+    def val_dataset(self) -> CityscapesSegmentation:
+        """The validation split on full (or ``val_resize``d) images (built on first use)."""
+        if self._val is None:
+            self._val = self._eval_dataset(self.val_split)
+        return self._val
+
+    @property
+    def test_dataset(self) -> CityscapesSegmentation:
+        """The ``test_split`` with labels, evaluated like validation.
+
+        Raises:
+            ValueError: no ``test_split`` was configured.
+        """
+        if self._test is None:
+            if self.test_split is None:
+                raise ValueError(
+                    "CityscapesDataModule has no test_split; set --data.test_split (a split "
+                    "folder with labels, e.g. 'val'), or use 'predict' with --data.predict_dir"
+                )
+            self._test = self._eval_dataset(self.test_split)
+        return self._test
+
+    @property
+    def predict_dataset(self) -> SegmentationImageFolder:
+        """Images of ``predict_dir`` (resized to ``val_resize`` when set).
+
+        Raises:
+            ValueError: no ``predict_dir`` was configured.
+        """
+        if self._predict is None:
+            if self.predict_dir is None:
+                raise ValueError(
+                    "CityscapesDataModule has no predict_dir; set --data.predict_dir to a folder "
+                    "of images (e.g. ROOT/leftImg8bit/test)"
+                )
+            self._predict = SegmentationImageFolder(self.predict_dir, resize=self.val_resize)
+        return self._predict
+
+    def _eval_dataset(self, split: str) -> CityscapesSegmentation:
+        return CityscapesSegmentation(
+            self.root,
+            split,
+            transforms=eval_transforms(self.val_resize),
+            label_type=self.label_type,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build (and so validate the layout of) the data sets the stage needs."""
+        if stage in (None, "fit"):
+            _ = self.train_dataset, self.val_dataset
+        if stage == "validate":
+            _ = self.val_dataset
+        if stage == "test":
+            _ = self.test_dataset
+        if stage == "predict":
+            _ = self.predict_dataset
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(dataset) >= batch_size,  # BN dislikes a tiny last batch
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            worker_init_fn=seed_worker_transforms,
+            collate_fn=collate_segmentation,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, self.val_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, self.val_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_dataset, self.val_batch_size, shuffle=False)
+
+    @staticmethod
+    def class_table(values: Sequence[float]) -> list[tuple[str, float]]:
+        """Pair per-class values (e.g. IoU) with the Cityscapes class names."""
+        if len(values) != NUM_CLASSES:
+            raise ValueError(f"expected {NUM_CLASSES} per-class values, got {len(values)}")
+        return list(zip(CLASS_NAMES, (float(v) for v in values)))
