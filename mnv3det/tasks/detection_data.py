@@ -1,0 +1,297 @@
+"""LightningDataModule for COCO-format detection (SSDLite training and evaluation, paper §6.3).
+
+``CocoDataModule`` wires :class:`mnv3det.data.coco.CocoDetection` (official COCO layout read with
+pycocotools) and the SSD augmentation of :mod:`mnv3det.data.detection_transforms` into
+DataLoaders that yield ``(list of image tensors, list of target dicts)`` (torchvision's detection
+convention, :func:`mnv3det.data.coco.collate_detection`). Training images are augmented and
+resized to ``size``; validation / test / predict images are left at their own size (the model
+resizes internally and maps boxes back to the original pixels), so evaluation boxes are in the
+pixels of the annotation file.
+
+Data-quality counters (crowd boxes excluded, boxes clipped/dropped, images skipped ...) are
+reported once per epoch: the data module adds a small callback (:class:`DatasetStatsReporter`) to
+the trainer it is attached to, which logs ``stats.report()`` of each data set in use.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset
+
+from mnv3det.data.coco import (
+    CocoDataError,
+    CocoDetection,
+    DetectionImageFolder,
+    collate_detection,
+)
+from mnv3det.data.detection_transforms import (
+    eval_transforms,
+    seed_worker_transforms,
+    train_transforms,
+)
+
+__all__ = ["CocoDataModule", "DatasetStatsReporter"]
+
+
+class DatasetStatsReporter(L.Callback):
+    """Logs the data sets' drop/clip/skip counters once per epoch (rank zero only).
+
+    Added automatically by :class:`CocoDataModule`; counts made in DataLoader workers are
+    included (they are kept in shared memory)."""
+
+    def __init__(self) -> None:
+        self._reported: set[str] = set()
+
+    @staticmethod
+    def _report(trainer: L.Trainer, names: tuple[str, ...]) -> None:
+        dm = trainer.datamodule
+        if dm is None:
+            return
+        for name in names:
+            dataset = getattr(dm, name, None)
+            stats = getattr(dataset, "stats", None)
+            if stats is not None:
+                rank_zero_info(f"[data] epoch {trainer.current_epoch}: {stats.report()}")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._report(trainer, ("train_dataset", "val_dataset"))
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.training and not trainer.sanity_checking:  # plain `validate`
+            self._report(trainer, ("val_dataset",))
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._report(trainer, ("test_dataset",))
+
+
+class CocoDataModule(L.LightningDataModule):
+    """COCO-format detection data for Lightning.
+
+    Args:
+        root: data set folder in the official layout (``train2017/``, ``val2017/``,
+            ``annotations/instances_{split}.json``).
+        size: training input side; training images are augmented and resized to ``size`` x
+            ``size`` (torchvision's SSDLite: 320).
+        batch_size: images per batch per device (torchvision's recipe: 24 per GPU).
+        num_workers: DataLoader worker processes.
+        label_map: ``"contiguous"`` (labels 1..K) or ``"torchvision91"`` (label == COCO category
+            id, 91 classes: torchvision's checkpoints); see :mod:`mnv3det.data.coco`.
+        train_split: training split / image folder name.
+        val_split: validation split.
+        test_split: test split (``None``: the validation split).
+        predict_dir: folder of images for ``predict`` (``None``: the validation split's images,
+            with their COCO image ids, so predictions can be evaluated).
+        empty_images: ``"keep"`` training images without boxes as negatives, or ``"skip"`` them
+            (validation / test always keep every image: COCOeval scores false positives on them).
+        on_error: ``"raise"`` on unknown category ids, missing or unreadable images, or ``"skip"``
+            and count them.
+        augment: use the SSD augmentation for training (``False``: training images are used as
+            they are, like validation ones).
+        pin_memory: DataLoader ``pin_memory``.
+        zoom_out_max_scale: largest zoom-out canvas ratio of the augmentation (SSD: 4).
+        photometric: use the photometric distortion in the augmentation.
+        seed: seed of the augmentation generator (``None``: drawn from torch's generator at setup,
+            so ``seed_everything`` makes runs repeatable); each DataLoader worker reseeds from its own
+            torch seed.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        size: int = 320,
+        batch_size: int = 24,
+        num_workers: int = 4,
+        label_map: str = "contiguous",
+        train_split: str = "train2017",
+        val_split: str = "val2017",
+        test_split: str | None = None,
+        predict_dir: str | Path | None = None,
+        empty_images: str = "keep",
+        on_error: str = "raise",
+        augment: bool = True,
+        pin_memory: bool = False,
+        zoom_out_max_scale: float = 4.0,
+        photometric: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if label_map not in ("contiguous", "torchvision91"):
+            raise ValueError(
+                f"label_map must be 'contiguous' or 'torchvision91'; got {label_map!r}"
+            )
+        if size < 32:
+            raise ValueError(f"size must be at least 32 pixels; got {size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        self.save_hyperparameters()
+        self.root = Path(root)
+        self.size = size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.label_map = label_map
+        self.train_split = train_split
+        self.val_split = val_split
+        self.test_split = test_split
+        self.predict_dir = Path(predict_dir) if predict_dir is not None else None
+        self.empty_images = empty_images
+        self.on_error = on_error
+        self.augment = augment
+        self.pin_memory = pin_memory
+        self.zoom_out_max_scale = zoom_out_max_scale
+        self.photometric = photometric
+        self.seed = seed
+        self.train_dataset: CocoDetection | None = None
+        self.val_dataset: CocoDetection | None = None
+        self.test_dataset: CocoDetection | None = None
+        self.predict_dataset: Dataset | None = None
+        self._categories: list[dict[str, Any]] | None = None
+
+    # ------------------------------------------------------------------ label space
+    def _category_list(self) -> list[dict[str, Any]]:
+        """The categories of the validation (else training) annotation file, read once."""
+        if self._categories is None:
+            for dataset in (self.val_dataset, self.train_dataset):
+                if dataset is not None:
+                    self._categories = list(dataset.coco.cats.values())
+                    break
+            else:
+                for split in (self.val_split, self.train_split):
+                    ann_file = self.root / "annotations" / f"instances_{split}.json"
+                    if ann_file.is_file():
+                        with open(ann_file) as f:
+                            self._categories = list(json.load(f).get("categories", []))
+                        break
+                else:
+                    raise FileNotFoundError(
+                        f"no annotation file under {self.root / 'annotations'} for "
+                        f"{self.val_split!r} or {self.train_split!r}; expected the COCO layout "
+                        "root/annotations/instances_{split}.json"
+                    )
+        return self._categories
+
+    @property
+    def num_classes(self) -> int:
+        """Classes including background: 91 for ``torchvision91``, else categories + 1."""
+        if self.label_map == "torchvision91":
+            return 91
+        return len(self._category_list()) + 1
+
+    @property
+    def label_to_cat_id(self) -> dict[int, int]:
+        """Model label -> COCO category id (for results files and COCOeval)."""
+        cats = sorted(int(c["id"]) for c in self._category_list())
+        if self.label_map == "torchvision91":
+            return {c: c for c in cats}
+        return {i + 1: c for i, c in enumerate(cats)}
+
+    @property
+    def class_names(self) -> list[str]:
+        """Name of each label (index 0: background; unused torchvision91 slots: ``"N/A"``)."""
+        names = ["N/A"] * self.num_classes
+        names[0] = "__background__"
+        by_id = {int(c["id"]): str(c.get("name", c["id"])) for c in self._category_list()}
+        for label, cat_id in self.label_to_cat_id.items():
+            names[label] = by_id[cat_id]
+        return names
+
+    # ------------------------------------------------------------------ data sets
+    def _dataset(self, split: str, train: bool) -> CocoDetection:
+        if train and self.augment:
+            seed = self.seed if self.seed is not None else int(torch.randint(0, 2**31 - 1, ()))
+            transforms = train_transforms(
+                self.size,
+                zoom_out_max_scale=self.zoom_out_max_scale,
+                photometric=self.photometric,
+                seed=seed,
+            )
+        else:
+            transforms = eval_transforms()
+        return CocoDetection(
+            self.root,
+            split=split,
+            transforms=transforms,
+            label_map=self.label_map,
+            empty_images=self.empty_images if train else "keep",
+            on_error=self.on_error,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the data sets ``stage`` needs (``fit``/``validate``/``test``/``predict``)."""
+        if stage in (None, "fit") and self.train_dataset is None:
+            self.train_dataset = self._dataset(self.train_split, train=True)
+        if stage in (None, "fit", "validate") and self.val_dataset is None:
+            self.val_dataset = self._dataset(self.val_split, train=False)
+        if stage in (None, "test") and self.test_dataset is None:
+            self.test_dataset = self._dataset(self.test_split or self.val_split, train=False)
+        if stage in (None, "predict") and self.predict_dataset is None:
+            self.predict_dataset = self._predict_dataset()
+        self._check_same_label_space()
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and not any(
+            isinstance(cb, DatasetStatsReporter) for cb in trainer.callbacks
+        ):
+            # LightningDataModule has no epoch hooks; a callback reports the stats per epoch.
+            trainer.callbacks.append(DatasetStatsReporter())
+
+    def _check_same_label_space(self) -> None:
+        datasets = [d for d in (self.train_dataset, self.val_dataset, self.test_dataset) if d]
+        for other in datasets[1:]:
+            if other.label_to_cat_id != datasets[0].label_to_cat_id:
+                raise CocoDataError(
+                    f"{datasets[0].ann_file} and {other.ann_file} define different categories "
+                    f"({sorted(datasets[0].cat_id_to_label)} vs {sorted(other.cat_id_to_label)}), "
+                    "so their labels would not mean the same classes; use annotation files with "
+                    "the same 'categories' list"
+                )
+
+    def _predict_dataset(self) -> Dataset:
+        if self.predict_dir is not None:
+            return DetectionImageFolder(self.predict_dir, on_error=self.on_error)
+        coco_split = self.val_dataset or self._dataset(self.val_split, train=False)
+        files = [coco_split.coco.imgs[i]["file_name"] for i in coco_split.ids]
+        ids = {coco_split.coco.imgs[i]["file_name"]: int(i) for i in coco_split.ids}
+        return DetectionImageFolder(
+            coco_split.image_dir, files=files, image_ids=ids, on_error=self.on_error
+        )
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, dataset: Dataset | None, shuffle: bool, name: str) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{name} data set is not set up; call setup() with the right stage")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate_detection,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            worker_init_fn=seed_worker_transforms if self.num_workers > 0 else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True, name="train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, shuffle=False, name="val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, shuffle=False, name="test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_dataset, shuffle=False, name="predict")
+
+    def report_stats(self) -> str:
+        """The stats lines of every data set set up so far (also logged per epoch)."""
+        lines = [
+            d.stats.report()
+            for d in (self.train_dataset, self.val_dataset, self.test_dataset)
+            if d is not None
+        ]
+        return "\n".join(lines)
