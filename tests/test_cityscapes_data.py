@@ -182,17 +182,14 @@ def test_datamodule_loaders(tmp_path: Path) -> None:
 def test_workers_get_different_augmentations(tmp_path: Path) -> None:
     # Albumentations' Compose owns its RNG; without reseeding, forked workers repeat each other.
     root = generate_street_scenes(
-        tmp_path, cities=("aachen",), per_city=2, size=(64, 128), splits=("train",)
+        tmp_path, cities=("aachen",), per_city=1, size=(64, 128), splits=("train",)
     )
     dm = CityscapesDataModule(
         root, crop_size=(32, 32), batch_size=1, num_workers=2, pin_memory=False, color_jitter=0.0
     )
-    dm._train = CityscapesSegmentation(root, "train", transforms=dm.train_dataset.transforms)
-    dm._train.files = dm._train.files[:1] * 2  # the same image twice, one per worker
-    dm._train.label_types = dm._train.label_types[:1] * 2
-    loader = torch.utils.data.DataLoader(
-        dm._train, batch_size=1, num_workers=2, worker_init_fn=dm.train_dataloader().worker_init_fn
-    )
+    train = dm.train_dataset
+    train.files, train.label_types = train.files * 2, train.label_types * 2  # one per worker
+    loader = dm.train_dataloader()
     first, second = (batch[0] for batch in loader)
     assert not torch.equal(first, second)
 
