@@ -504,6 +504,9 @@ class DetectionImageFolder(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        index %= len(self)
         for attempt in range(len(self)):
             current = (index + attempt) % len(self)
             file_name = self.files[current]
