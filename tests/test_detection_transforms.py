@@ -256,3 +256,21 @@ def test_seed_worker_transforms_gives_each_worker_its_own_stream():
     first, second = (batch.tolist() for batch in loader)  # batch 0 from worker 0, 1 from 1
     assert first != second  # without reseeding both workers replay the same coin flips
     seed_worker_transforms(0)  # outside a worker: does nothing
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: ZoomOut(max_scale=3.0, p=1.0), lambda: MinIoURandomCrop(min_ious=(0.3,))]
+)
+def test_hand_written_transforms_are_deterministic_in_seed(make):
+    image, boxes, labels = painted()
+
+    def run(seed):
+        pipe = A.Compose([make()], bbox_params=bbox_params(), seed=seed)
+        return [pipe(image=image, bboxes=boxes, labels=labels) for _ in range(5)]
+
+    first, again, other = run(7), run(7), run(8)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["bboxes"], b["bboxes"])
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+    assert any(a["image"].shape != c["image"].shape for a, c in zip(first, other))
