@@ -199,3 +199,17 @@ def test_segmentation_image_folder_errors(tmp_path: Path) -> None:
         SegmentationImageFolder(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="no image files"):
         SegmentationImageFolder(tmp_path)
+
+
+def test_scan_counts_classes_and_finds_bad_files_up_front(tmp_path: Path) -> None:
+    _write_pair(tmp_path, np.array([[7, 7, 26], [0, 23, 23]]))
+    counts = CityscapesSegmentation(tmp_path).scan()
+    assert counts.shape == (20,)
+    assert counts[0] == 2 and counts[13] == 1 and counts[10] == 2 and counts[19] == 1
+    assert counts.sum() == 6
+    _write_pair(tmp_path, np.array([[7, 250]]), stem="aachen_000001_000019")
+    with pytest.raises(CityscapesDataError, match=r"aachen_000001_000019_gtFine_labelIds\.png"):
+        CityscapesSegmentation(tmp_path).scan()
+    _write_pair(tmp_path, np.array([[7, 7]]), stem="aachen_000001_000019", image_size=(2, 2))
+    with pytest.raises(CityscapesDataError, match="same size"):
+        CityscapesSegmentation(tmp_path).scan()

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from mnv3det.data.cityscapes_labels import (
@@ -99,6 +100,11 @@ def check_train_ids(label: np.ndarray, path: str | Path = "<array>") -> np.ndarr
             "(0..33), use the *_gtFine_labelIds.png file or label_type='labelIds'."
         )
     return label.astype(np.uint8)
+
+
+def _has_exif_rotation(image: Image.Image) -> bool:
+    # read_rgb applies the EXIF orientation; orientations 5-8 swap width and height.
+    return image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -207,6 +213,39 @@ class CityscapesSegmentation(Dataset):
         else:
             mask = check_train_ids(raw, label_path)
         return image, mask
+
+    def scan(self) -> np.ndarray:
+        """Check every pair up front and count the pixels of each train id.
+
+        Reads every label file and only the header of every image (the size), so a whole split
+        is verified quickly before a long training run.
+
+        Returns:
+            ``int64`` array of 20 counts: train ids 0..18, then ignored (255) pixels. Classes
+            present in the split are ``np.flatnonzero(counts[:19])``.
+
+        Raises:
+            CityscapesDataError: the first size mismatch or unknown label value (names the file).
+        """
+        counts = np.zeros(NUM_CLASSES + 1, dtype=np.int64)
+        for (image_path, label_path), kind in zip(self.files, self.label_types):
+            with Image.open(image_path) as im:
+                w, h = im.size[::-1] if _has_exif_rotation(im) else im.size
+            raw = read_label_png(label_path)
+            if raw.shape != (h, w):
+                raise CityscapesDataError(
+                    f"image {image_path} is {h}x{w} (HxW) but its label {label_path} is "
+                    f"{raw.shape[0]}x{raw.shape[1]}; they must be the same size"
+                )
+            mask = (
+                label_ids_to_train_ids(raw, label_path)
+                if kind == "labelIds"
+                else check_train_ids(raw, label_path)
+            )
+            hist = np.bincount(mask.ravel(), minlength=256)
+            counts[:NUM_CLASSES] += hist[:NUM_CLASSES]
+            counts[NUM_CLASSES] += hist[IGNORE_INDEX]
+        return counts
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.load(index)
