@@ -1,0 +1,452 @@
+"""SSDLite with a MobileNetV3 backbone (paper §6.3, Table 6): ``mnv3det.ssdlite``.
+
+The backbone's ``stage5_expand`` tap (C4: the expansion layer of the first stride-32 block, at
+stride 16) and ``last_conv`` tap (C5, stride 32) feed :mod:`heads.ssdlite` (four extra blocks,
+separable prediction heads, default boxes, multibox loss, batched post-processing).
+
+torchvision's detection conventions:
+
+* input: a list of float images ``(3, H, W)`` in ``[0, 1]``, each of any size (or one
+  ``(N, 3, H, W)`` tensor). The model normalises them (mean = std = 0.5, i.e. to ``[-1, 1]``)
+  and resizes each to ``size x size`` (bilinear), as torchvision's ``GeneralizedRCNNTransform``
+  with ``fixed_size`` does for SSDLite.
+* train mode: ``model(images, targets)`` with targets ``{"boxes": (G, 4) xyxy in that image's
+  pixels, "labels": (G,) int64 in 1..num_classes-1}`` returns ``{"bbox_regression",
+  "classification"}`` losses.
+* eval mode: ``model(images)`` returns per image ``{"boxes" (xyxy in the pixels of *that input
+  image*), "scores", "labels"}``.
+
+Loading torchvision's ``ssdlite320_mobilenet_v3_large`` checkpoint
+------------------------------------------------------------------
+``ssdlite(weights=path_or_state_dict)`` maps torchvision's keys: its SSDLite backbone splits the
+C4 block (``backbone.features.0`` = layers up to and including the expansion conv of the first
+stride-32block; ``backbone.features.1`` = the rest of that block then the later layers),
+``backbone.extra.*`` are our ``extra.*`` and ``head.*`` is identical. Detections are then the
+same as torchvision's (tested to 1e-3 px).
+
+**Reduced tail.** torchvision's builder uses ``reduced_tail = (weights_backbone is None)``, and it
+sets ``weights_backbone=None`` whenever ``weights`` (the COCO checkpoint) is given, so the
+*published* ``ssdlite320_mobilenet_v3_large`` COCO checkpoint is a **reduced-tail** model (its
+3,440,060 parameters are those of the reduced-tail build; the last conv has 480 channels). Load it
+with ``ssdlite("large", reduced_tail=True, weights=...)``. Our ``reduced_tail`` defaults to
+``False`` (the paper's main configuration and what an ImageNet-pretrained backbone needs); a
+checkpoint with the other tail is a :class:`~mnv3det.weights.CheckpointMismatchError` that names
+the mismatching keys and shapes.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from heads.ssdlite import (
+    EXTRA_WIDTHS,
+    SSD_BOX_CODER_WEIGHTS,
+    BoxCoder,
+    DefaultBoxGenerator,
+    SSDLiteExtras,
+    SSDLiteHead,
+    multibox_loss,
+    postprocess_detections,
+)
+from mnv3det.backbone import MobileNetV3Backbone, mobilenet_v3
+from mnv3det.weights import LoadReport, load_matching, read_state_dict
+
+__all__ = ["SSDLite", "ssdlite", "torchvision_ssdlite_to_mnv3det"]
+
+#: Backbone taps of SSDLite (paper §6.3): C4 (expansion layer, stride 16) and C5 (stride 32).
+SSDLITE_TAPS = ("stage5_expand", "last_conv")
+
+
+class InvalidTargetError(ValueError):
+    """Training targets are missing or malformed."""
+
+
+class SSDLite(nn.Module):
+    """SSDLite detector: MobileNetV3 taps -> extra blocks -> separable heads.
+
+    Build it with :func:`ssdlite`. Attributes ``score_thresh``, ``nms_thresh``,
+    ``detections_per_img`` and ``topk_candidates`` may be changed after construction.
+
+    Args:
+        backbone: a :class:`MobileNetV3Backbone` with taps ``stage5_expand`` and ``last_conv``.
+        num_classes: classes including background.
+        size: network input side, or ``(H, W)``.
+        width_mult: width multiplier of the extra blocks.
+        aspect_ratios: per level aspect ratios of the default boxes.
+        min_ratio: smallest default-box scale.
+        max_ratio: largest default-box scale.
+        score_thresh: minimum score of a detection.
+        nms_thresh: NMS IoU threshold.
+        detections_per_img: detections kept per image.
+        topk_candidates: candidates per class before NMS.
+        image_mean: normalisation mean.
+        image_std: normalisation std.
+        iou_threshold: matching IoU for training.
+        neg_to_pos_ratio: hard negatives per positive.
+        norm_layer: normalisation of the extra blocks and heads.
+    """
+
+    def __init__(
+        self,
+        backbone: MobileNetV3Backbone,
+        num_classes: int = 91,
+        size: int | tuple[int, int] = 320,
+        width_mult: float = 1.0,
+        aspect_ratios: Sequence[Sequence[float]] | None = None,
+        min_ratio: float = 0.2,
+        max_ratio: float = 0.95,
+        score_thresh: float = 0.001,
+        nms_thresh: float = 0.55,
+        detections_per_img: int = 300,
+        topk_candidates: int = 300,
+        image_mean: Sequence[float] = (0.5, 0.5, 0.5),
+        image_std: Sequence[float] = (0.5, 0.5, 0.5),
+        iou_threshold: float = 0.5,
+        neg_to_pos_ratio: int = 3,
+        norm_layer=None,
+    ) -> None:
+        super().__init__()
+        names = [f.name for f in backbone.feature_info]
+        if names != list(SSDLITE_TAPS):
+            raise ValueError(f"SSDLite needs backbone taps {list(SSDLITE_TAPS)}, got {names}")
+        self.size = _pair(size)
+        if min(self.size) < 32:
+            raise ValueError(f"ssdlite: size must be at least 32 pixels, got {size}")
+        self.backbone = backbone
+        norm_layer = norm_layer or partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
+        c4, c5 = backbone.channels
+        self.extra = SSDLiteExtras(c5, EXTRA_WIDTHS, width_mult, norm_layer=norm_layer)
+        in_channels = [c4, c5, *self.extra.out_channels]
+        ratios = aspect_ratios if aspect_ratios is not None else [[2, 3]] * len(in_channels)
+        if len(ratios) != len(in_channels):
+            raise ValueError(
+                f"ssdlite: aspect_ratios needs {len(in_channels)} levels, got {len(ratios)}"
+            )
+        self.anchor_generator = DefaultBoxGenerator(ratios, min_ratio, max_ratio)
+        self.head = SSDLiteHead(
+            in_channels, self.anchor_generator.num_anchors_per_location(), num_classes, norm_layer
+        )
+        self.num_classes = num_classes
+        self.box_coder = BoxCoder(weights=SSD_BOX_CODER_WEIGHTS)
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_img = detections_per_img
+        self.topk_candidates = topk_candidates
+        self.iou_threshold = iou_threshold
+        self.neg_to_pos_ratio = neg_to_pos_ratio
+        self.register_buffer(
+            "image_mean", torch.tensor(image_mean).view(-1, 1, 1), persistent=False
+        )
+        self.register_buffer("image_std", torch.tensor(image_std).view(-1, 1, 1), persistent=False)
+        self.weights_report: LoadReport | None = None
+
+    # ------------------------------------------------------------------ input
+    def preprocess(
+        self,
+        images: Sequence[Tensor] | Tensor,
+        targets: Sequence[dict[str, Tensor]] | None = None,
+    ) -> tuple[Tensor, list[tuple[int, int]], list[dict[str, Tensor]] | None]:
+        """Normalise and resize to ``size``; scale target boxes alike.
+
+        Returns:
+            ``(batch (N, 3, H, W), original (h, w) per image, resized targets or None)``.
+        """
+        if isinstance(images, Tensor):
+            if images.dim() != 4 or images.shape[1] != 3:
+                raise ValueError(
+                    f"ssdlite: a batched input must be (N, 3, H, W); got {tuple(images.shape)}"
+                )
+            images = list(images)
+        if len(images) == 0:
+            raise ValueError("ssdlite: got an empty list of images")
+        for i, image in enumerate(images):
+            if image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(
+                    f"ssdlite: image {i} must be a (3, H, W) tensor, got {tuple(image.shape)}"
+                )
+            if not image.is_floating_point():
+                raise TypeError(
+                    f"ssdlite: image {i} has dtype {image.dtype}; expected floats in [0, 1] "
+                    "(convert with image.float() / 255)"
+                )
+        original = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        mean, std = self.image_mean.to(images[0]), self.image_std.to(images[0])
+        if len(set(original)) == 1:  # one batched op when every image has the same size
+            batch = (torch.stack(list(images)) - mean) / std
+            if original[0] != self.size:
+                batch = F.interpolate(batch, size=self.size, mode="bilinear", align_corners=False)
+        else:  # torchvision's order: normalise, then resize each image
+            batch = torch.cat(
+                [
+                    F.interpolate(
+                        ((im - mean) / std)[None],
+                        size=self.size,
+                        mode="bilinear",
+                        align_corners=False,
+                    )
+                    for im in images
+                ]
+            )
+        if targets is not None:
+            targets = [
+                self._resize_target(t, hw, i)
+                for i, (t, hw) in enumerate(zip(targets, original, strict=True))
+            ]
+        return batch, original, targets
+
+    def _resize_target(
+        self, target: dict[str, Tensor], hw: tuple[int, int], index: int
+    ) -> dict[str, Tensor]:
+        if "boxes" not in target or "labels" not in target:
+            raise InvalidTargetError(
+                f"ssdlite: target {index} needs 'boxes' and 'labels'; got {sorted(target)}"
+            )
+        boxes, labels = target["boxes"], target["labels"]
+        if boxes.dim() != 2 or boxes.shape[-1] != 4 or not boxes.is_floating_point():
+            raise InvalidTargetError(
+                f"ssdlite: target {index} 'boxes' must be a float (G, 4) xyxy tensor, got "
+                f"{boxes.dtype} {tuple(boxes.shape)}"
+            )
+        if labels.shape != boxes.shape[:1]:
+            raise InvalidTargetError(
+                f"ssdlite: target {index} has {len(boxes)} boxes but labels of shape {tuple(labels.shape)}"
+            )
+        if labels.numel() and (int(labels.min()) < 1 or int(labels.max()) >= self.num_classes):
+            raise InvalidTargetError(
+                f"ssdlite: target {index} has labels outside 1..{self.num_classes - 1} "
+                f"({labels.unique().tolist()}); 0 is the background and num_classes counts it"
+            )
+        if hw != self.size:
+            ratio = torch.tensor(
+                [self.size[1] / hw[1], self.size[0] / hw[0]] * 2,
+                dtype=boxes.dtype,
+                device=boxes.device,
+            )
+            boxes = boxes * ratio
+        return {**target, "boxes": boxes, "labels": labels}
+
+    # ------------------------------------------------------------------ forward
+    def head_outputs(self, batch: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Run backbone, extras and heads on a preprocessed batch.
+
+        Returns:
+            ``({"cls_logits", "bbox_regression"}, anchors (A, 4) xyxy input pixels)``.
+        """
+        c4, c5 = self.backbone(batch).values()
+        features = [c4, c5, *self.extra(c5)]
+        outputs = self.head(features)
+        anchors = self.anchor_generator(
+            [tuple(f.shape[-2:]) for f in features],
+            tuple(batch.shape[-2:]),
+            batch.dtype,
+            batch.device,
+        )
+        return outputs, anchors
+
+    def forward(
+        self,
+        images: Sequence[Tensor] | Tensor,
+        targets: Sequence[dict[str, Tensor]] | None = None,
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """Losses (train mode, needs ``targets``) or detections (eval mode); see the module doc."""
+        if self.training and targets is None:
+            raise InvalidTargetError("ssdlite: targets are required in training mode")
+        if targets is not None and len(targets) != len(images):
+            raise InvalidTargetError(f"ssdlite: {len(images)} images but {len(targets)} targets")
+        batch, original, targets = self.preprocess(images, targets if self.training else None)
+        outputs, anchors = self.head_outputs(batch)
+        if self.training:
+            return multibox_loss(
+                outputs["cls_logits"],
+                outputs["bbox_regression"],
+                anchors,
+                targets,
+                self.box_coder,
+                self.iou_threshold,
+                self.neg_to_pos_ratio,
+            )
+        return self.postprocess(outputs, anchors, original)
+
+    def postprocess(
+        self, outputs: dict[str, Tensor], anchors: Tensor, original_sizes: Sequence[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
+        """Detections in each original image's pixels (batched over images and classes)."""
+        h, w = self.size
+        # torchvision's resize_boxes: ratio = float32(original) / float32(resized) per axis.
+        orig = torch.tensor(original_sizes, dtype=torch.float32, device=anchors.device)
+        scale = torch.stack((orig[:, 1] / float(w), orig[:, 0] / float(h)), dim=1)
+        return postprocess_detections(
+            outputs["cls_logits"],
+            outputs["bbox_regression"],
+            anchors,
+            self.size,
+            self.box_coder,
+            score_thresh=self.score_thresh,
+            nms_thresh=self.nms_thresh,
+            topk_candidates=self.topk_candidates,
+            detections_per_img=self.detections_per_img,
+            scale_factors=scale,
+        )
+
+    # ------------------------------------------------------------------ weights
+    def load_weights(self, source: str | Path | Mapping[str, Tensor]) -> LoadReport:
+        """Load torchvision's SSDLite checkpoint or one of ours (also a Lightning ``.ckpt`` of
+        :class:`mnv3det.tasks.detection.DetectionTask`: the ``model.`` weights are used).
+
+        Raises:
+            CheckpointMismatchError: the checkpoint is another variant (keys/shapes named).
+        """
+        state, name = read_state_dict(source)
+        fmt = "mnv3det"
+        if any(k.startswith("model.backbone.") for k in state):  # DetectionTask checkpoint
+            state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+        if any(k.startswith("backbone.extra.") for k in state):
+            state, fmt = torchvision_ssdlite_to_mnv3det(state), "torchvision"
+        report = load_matching(self, state, name, fmt, describe=self.describe())
+        if report.unused:
+            warnings.warn(str(report), stacklevel=2)
+        self.weights_report = report
+        return report
+
+    def describe(self) -> str:
+        bb = self.backbone
+        return (
+            f"ssdlite({bb.arch!r}, num_classes={self.num_classes}, width_mult={bb.width_mult}, "
+            f"reduced_tail={bb.reduced_tail})"
+        )
+
+
+_TV_C4 = re.compile(r"^backbone\.features\.0\.(\d+)\.")
+
+
+def torchvision_ssdlite_to_mnv3det(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename torchvision SSDLite keys to ours.
+
+    torchvision (``SSDLiteFeatureExtractorMobileNet``) holds the backbone as
+    ``features.0 = Sequential(*mobilenet.features[:c4], mobilenet.features[c4].block[0])`` and
+    ``features.1 = Sequential(mobilenet.features[c4].block[1:], *mobilenet.features[c4 + 1:])``
+    where ``c4`` is the first stride-32 block. So:
+
+    * ``backbone.features.0.{i}.*`` (``i < c4``) -> ``backbone.features.{i}.*``
+    * ``backbone.features.0.{c4}.*`` -> ``backbone.features.{c4}.block.0.*``
+    * ``backbone.features.1.0.{j}.*`` (the sliced block keeps its indices) ->
+      ``backbone.features.{c4}.block.{j}.*``
+    * ``backbone.features.1.{m}.*`` (``m >= 1``) -> ``backbone.features.{c4 + m}.*``
+    * ``backbone.extra.*`` -> ``extra.*``; ``head.*`` unchanged.
+    """
+    indices = [int(m[1]) for k in state if (m := _TV_C4.match(k))]
+    if not indices:
+        raise ValueError("not a torchvision SSDLite checkpoint: no 'backbone.features.0.N' keys")
+    c4 = max(indices)
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if key.startswith("backbone.features.0."):
+            i = int(parts[3])
+            new = f"backbone.features.{i}." if i < c4 else f"backbone.features.{c4}.block.0."
+            out[new + ".".join(parts[4:])] = value
+        elif key.startswith("backbone.features.1."):
+            m = int(parts[3])
+            if m == 0:
+                out[f"backbone.features.{c4}.block." + ".".join(parts[4:])] = value
+            else:
+                out[f"backbone.features.{c4 + m}." + ".".join(parts[4:])] = value
+        elif key.startswith("backbone.extra."):
+            out[key[len("backbone.") :]] = value
+        else:
+            out[key] = value
+    return out
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    values = tuple(int(s) for s in size)
+    if len(values) != 2:
+        raise ValueError(f"ssdlite: size must be an int or (height, width), got {size!r}")
+    return values
+
+
+def ssdlite(
+    arch: str = "large",
+    num_classes: int = 91,
+    size: int | tuple[int, int] = 320,
+    width_mult: float = 1.0,
+    reduced_tail: bool = False,
+    weights: str | Path | Mapping[str, Tensor] | None = None,
+    weights_backbone: str | Path | Mapping[str, Tensor] | None = None,
+    score_thresh: float = 0.001,
+    nms_thresh: float = 0.55,
+    detections_per_img: int = 300,
+    topk_candidates: int = 300,
+    *,
+    aspect_ratios: Sequence[Sequence[float]] | None = None,
+    min_ratio: float = 0.2,
+    max_ratio: float = 0.95,
+    image_mean: Sequence[float] = (0.5, 0.5, 0.5),
+    image_std: Sequence[float] = (0.5, 0.5, 0.5),
+) -> SSDLite:
+    """Build SSDLite-MobileNetV3 (paper §6.3).
+
+    Args:
+        arch: "large" or "small".
+        num_classes: classes including background (COCO in torchvision's layout: 91).
+        size: network input side (torchvision: 320); 512, 640 or ``(H, W)`` work too, the default
+            boxes follow the feature-map sizes.
+        width_mult: width multiplier of the backbone and the extra blocks.
+        reduced_tail: halve the last stage (paper's "†"/RF2). torchvision's published COCO
+            checkpoint is reduced-tail (see the module docstring); use ``False`` with an
+            ImageNet ``weights_backbone`` (torchvision's builder does the same).
+        weights: whole-detector checkpoint: torchvision's ``ssdlite320_mobilenet_v3_large`` file
+            or state_dict, one of ours, or a DetectionTask ``.ckpt``.
+        weights_backbone: MobileNetV3 ImageNet checkpoint for the backbone (torchvision or timm;
+            see :mod:`mnv3det.weights`). Ignored keys (classifier) are reported.
+        score_thresh: minimum score (torchvision 0.001).
+        nms_thresh: NMS IoU (torchvision 0.55).
+        detections_per_img: detections per image (torchvision 300).
+        topk_candidates: candidates per class before NMS (torchvision 300).
+        aspect_ratios: per level aspect ratios (default ``[2, 3]`` at 6 levels).
+        min_ratio: smallest default-box scale (0.2).
+        max_ratio: largest default-box scale (0.95).
+        image_mean: normalisation mean (0.5).
+        image_std: normalisation std (0.5).
+
+    Returns:
+        An :class:`SSDLite` module (train mode: losses; eval mode: detections).
+    """
+    norm_layer = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
+    backbone = mobilenet_v3(
+        arch,
+        width_mult=width_mult,
+        reduced_tail=reduced_tail,
+        taps=list(SSDLITE_TAPS),
+        weights=weights_backbone,
+        norm_layer=norm_layer,
+    )
+    model = SSDLite(
+        backbone,
+        num_classes=num_classes,
+        size=size,
+        width_mult=width_mult,
+        aspect_ratios=aspect_ratios,
+        min_ratio=min_ratio,
+        max_ratio=max_ratio,
+        score_thresh=score_thresh,
+        nms_thresh=nms_thresh,
+        detections_per_img=detections_per_img,
+        topk_candidates=topk_candidates,
+        image_mean=image_mean,
+        image_std=image_std,
+        norm_layer=norm_layer,
+    )
+    if weights is not None:
+        model.load_weights(weights)
+    return model
