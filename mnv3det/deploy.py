@@ -1,0 +1,284 @@
+"""Export-friendly end-to-end graphs for deployment (MobileNetV3 paper §6.3-§6.4, §7 "latency").
+
+The training-time models return what torchvision's conventions ask for: SSDLite a *list* of
+per-image dicts of variable length (data-dependent shapes, Python-level splitting), LR-ASPP logits
+of already-normalised images. An ONNX graph wants fixed-rank tensors in and out, so this module
+wraps both models into modules whose whole pre- and post-processing is tensor code that
+``torch.onnx.export(dynamo=True)`` traces:
+
+* :class:`SSDLiteDeploy`: ``images (N, 3, H, W)`` floats in ``[0, 1]`` (any H, W; resized to the
+  model's input size inside the graph) -> ``boxes (N, D, 4)`` xyxy in the input image's pixels,
+  ``scores (N, D)``, ``labels (N, D)`` int64, ``num_detections (N,)``; ``D =
+  detections_per_img``, rows past ``num_detections`` are padding (score 0, label 0, box 0).
+  The post-processing is torchvision's (softmax, decode, clip, per-class score threshold and
+  top-k, per-(image, class) NMS, best ``detections_per_img`` of each image) written densely:
+  NMS is the custom op :func:`nms_keep_mask` that returns a *mask* of the kept candidates (a
+  fixed shape), computed in PyTorch with one ``torchvision.ops.nms`` call and exported as ONNX
+  ``NonMaxSuppression`` with one "batch" per (image, class), which onnxruntime runs natively.
+* :class:`SegmenterDeploy`: ``images (N, 3, H, W)`` in ``[0, 1]`` -> LR-ASPP logits; the
+  ImageNet normalisation is part of the graph, so a deployed model takes raw pixels / 255.
+
+Both work in eager PyTorch too (same outputs), which is what the tests compare against the
+PyTorch models and against onnxruntime.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "SSDLiteDeploy",
+    "SegmenterDeploy",
+    "nms_keep_mask",
+    "onnx_translation_table",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: torchvision's ``BoxCoder`` clamp of dw/dh before ``exp`` (``log(1000 / 16)``).
+_BBOX_XFORM_CLIP = math.log(1000.0 / 16)
+
+
+# ----------------------------------------------------------------------------- NMS op
+@torch.library.custom_op("mnv3det::nms_keep_mask", mutates_args=())
+def nms_keep_mask(
+    boxes: Tensor, scores: Tensor, iou_threshold: float, score_threshold: float
+) -> Tensor:
+    """NMS inside each row of a batch of candidate groups, as a keep-mask.
+
+    Args:
+        boxes: ``(B, K, 4)`` xyxy; each of the ``B`` rows is one group (one image and class).
+        scores: ``(B, K)``.
+        iou_threshold: a box is dropped when its IoU with a higher-scoring kept box of the
+            same row is above this.
+        score_threshold: boxes with ``score <= score_threshold`` are never kept.
+
+    Returns:
+        ``(B, K)`` bool, True for kept boxes. Fixed shape, so the op exports (see
+        :func:`onnx_translation_table`).
+    """
+    b, k = scores.shape
+    flat_scores = scores.reshape(-1)
+    candidates = (flat_scores > score_threshold).nonzero().squeeze(1)
+    keep = torch.zeros(b * k, dtype=torch.bool, device=scores.device)
+    if candidates.numel():
+        # One NMS for every group: shift each row's boxes so rows cannot overlap (float64, the
+        # same trick as heads.ssdlite.batched_nms_single_pass; batched_nms loops on the CPU).
+        from torchvision.ops import nms
+
+        cand_boxes = boxes.reshape(-1, 4)[candidates].to(torch.float64)
+        groups = torch.div(candidates, k, rounding_mode="floor").to(torch.float64)
+        low = cand_boxes.min()
+        span = cand_boxes.max() - low + 1.0
+        shifted = cand_boxes - low + (groups * span)[:, None]
+        kept = nms(shifted, flat_scores[candidates].to(torch.float64), iou_threshold)
+        keep[candidates[kept]] = True
+    return keep.view(b, k)
+
+
+@nms_keep_mask.register_fake
+def _nms_keep_mask_fake(
+    boxes: Tensor, scores: Tensor, iou_threshold: float, score_threshold: float
+) -> Tensor:
+    return torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+
+
+def _nms_keep_mask_onnx(boxes, scores, iou_threshold: float, score_threshold: float):
+    """ONNX translation of :func:`nms_keep_mask` (onnxscript, opset 18).
+
+    ``NonMaxSuppression`` with boxes ``(B, K, 4)`` and scores ``(B, 1, K)``: onnxruntime treats
+    each row as its own batch entry, so this is per-(image, class) NMS without coordinate
+    tricks. Its ``(M, 3)`` selected indices are scattered into a ``(B, K)`` mask.
+    """
+    from onnxscript import opset18 as op
+
+    k = op.Shape(scores, start=1, end=2)
+    selected = op.NonMaxSuppression(
+        boxes,
+        op.Unsqueeze(scores, [1]),
+        k,
+        op.Constant(value_floats=[iou_threshold]),
+        op.Constant(value_floats=[score_threshold]),
+    )
+    index = op.Gather(selected, op.Constant(value_ints=[0, 2]), axis=1)  # (M, 2) row, box
+    ones = op.Expand(op.Constant(value_floats=[1.0]), op.Shape(selected, start=0, end=1))
+    mask = op.ScatterND(op.ConstantOfShape(op.Shape(scores)), index, ones)
+    return op.Cast(mask, to=9)  # 9 = BOOL
+
+
+def onnx_translation_table() -> dict:
+    """``custom_translation_table`` for ``torch.onnx.export`` covering this module's ops."""
+    return {torch.ops.mnv3det.nms_keep_mask.default: _nms_keep_mask_onnx}
+
+
+# ----------------------------------------------------------------------------- SSDLite
+class SSDLiteDeploy(nn.Module):
+    """SSDLite with pre-processing, box decoding and NMS in one traceable graph.
+
+    Reuses the detector's own layers (``backbone``, ``extra``, ``head``), default boxes and box
+    coder weights; thresholds default to the detector's (``score_thresh``, ``nms_thresh``,
+    ``topk_candidates``, ``detections_per_img``).
+
+    Args:
+        model: an :class:`mnv3det.models.ssdlite.SSDLite` (fused or not; it is put in eval mode).
+        score_thresh: override the model's minimum score.
+        nms_thresh: override the model's NMS IoU.
+        topk_candidates: override candidates per class before NMS.
+        detections_per_img: override the number of output rows ``D``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        score_thresh: float | None = None,
+        nms_thresh: float | None = None,
+        topk_candidates: int | None = None,
+        detections_per_img: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.size = tuple(model.size)
+        self.score_thresh = float(model.score_thresh if score_thresh is None else score_thresh)
+        self.nms_thresh = float(model.nms_thresh if nms_thresh is None else nms_thresh)
+        self.topk_candidates = int(topk_candidates or model.topk_candidates)
+        self.detections_per_img = int(detections_per_img or model.detections_per_img)
+        self.num_classes = int(model.num_classes)
+        weights = tuple(float(w) for w in model.box_coder.weights)
+        self.register_buffer("coder_weights", torch.tensor(weights), persistent=False)
+        mean = model.image_mean.detach().clone().view(1, 3, 1, 1)
+        std = model.image_std.detach().clone().view(1, 3, 1, 1)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+        with torch.no_grad():  # the default boxes of the fixed network input size
+            param = next(model.parameters())
+            _, anchors = model.head_outputs(param.new_zeros((1, 3, *self.size)))
+        self.register_buffer("anchors", anchors.detach().clone(), persistent=False)
+
+    def network(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Normalise, resize to the model size and run the layers: ``(cls_logits, bbox_regression)``."""
+        x = (images - self.mean) / self.std
+        # Always resize (an identity at the model size): no shape-dependent branch in the graph.
+        x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        m = self.model
+        c4, c5 = m.backbone(x).values()
+        out = m.head([c4, c5, *m.extra(c5)])
+        return out["cls_logits"], out["bbox_regression"]
+
+    def decode(self, rel_codes: Tensor) -> Tensor:
+        """torchvision ``BoxCoder.decode_single`` broadcast over the batch: ``(N, A, 4)`` xyxy."""
+        a = self.anchors
+        widths, heights = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
+        ctr_x, ctr_y = a[:, 0] + 0.5 * widths, a[:, 1] + 0.5 * heights
+        wx, wy, ww, wh = self.coder_weights.unbind()
+        dx, dy = rel_codes[..., 0] / wx, rel_codes[..., 1] / wy
+        dw = (rel_codes[..., 2] / ww).clamp(max=_BBOX_XFORM_CLIP)
+        dh = (rel_codes[..., 3] / wh).clamp(max=_BBOX_XFORM_CLIP)
+        pred_ctr_x, pred_ctr_y = dx * widths + ctr_x, dy * heights + ctr_y
+        # torchvision: c_to_c_h = 0.5 * exp(dh) * h, same association of the products.
+        half_w = torch.tensor(0.5, dtype=widths.dtype) * torch.exp(dw) * widths
+        half_h = torch.tensor(0.5, dtype=heights.dtype) * torch.exp(dh) * heights
+        h, w = self.size
+        return torch.stack(
+            (
+                (pred_ctr_x - half_w).clamp(min=0, max=w),
+                (pred_ctr_y - half_h).clamp(min=0, max=h),
+                (pred_ctr_x + half_w).clamp(min=0, max=w),
+                (pred_ctr_y + half_h).clamp(min=0, max=h),
+            ),
+            dim=-1,
+        )
+
+    def postprocess(
+        self, cls_logits: Tensor, bbox_regression: Tensor, images: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Dense torchvision post-processing; see the module docstring for the outputs."""
+        n, a, c = cls_logits.shape
+        boxes = self.decode(bbox_regression)  # (N, A, 4), network-input pixels
+        fg = F.softmax(cls_logits, dim=-1)[..., 1:].transpose(1, 2)  # (N, C-1, A)
+        k = min(self.topk_candidates, a)
+        top_scores, top_anchor = fg.masked_fill(fg <= self.score_thresh, -1.0).topk(k, dim=2)
+        offsets = (torch.arange(n, device=boxes.device) * a).view(n, 1, 1)
+        cand_boxes = boxes.reshape(-1, 4)[(top_anchor + offsets).reshape(-1)]  # (N*(C-1)*K, 4)
+        keep = nms_keep_mask(
+            cand_boxes.view(-1, k, 4),
+            top_scores.reshape(-1, k),
+            self.nms_thresh,
+            self.score_thresh,
+        )
+        kept_scores = torch.where(keep.view(n, -1), top_scores.view(n, -1), -1.0)
+        d = min(self.detections_per_img, (c - 1) * k)
+        scores, index = kept_scores.topk(d, dim=1)
+        valid = scores > self.score_thresh
+        labels = torch.div(index, k, rounding_mode="floor") + 1
+        out_boxes = cand_boxes.view(n, -1, 4).gather(1, index.unsqueeze(-1).expand(n, d, 4))
+        # Back to the input image's pixels (torchvision's resize_boxes ratios).
+        h, w = images.shape[-2:]
+        ratio_w = torch.tensor(w, dtype=torch.float32) / float(self.size[1])
+        ratio_h = torch.tensor(h, dtype=torch.float32) / float(self.size[0])
+        out_boxes = out_boxes * torch.stack((ratio_w, ratio_h, ratio_w, ratio_h))
+        zero = torch.zeros((), dtype=out_boxes.dtype)
+        return (
+            torch.where(valid.unsqueeze(-1), out_boxes, zero),
+            torch.where(valid, scores, zero),
+            torch.where(valid, labels, torch.zeros((), dtype=labels.dtype)),
+            valid.sum(dim=1),
+        )
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Detect objects in a batch of same-size images.
+
+        Args:
+            images: ``(N, 3, H, W)`` floats in ``[0, 1]``.
+
+        Returns:
+            ``(boxes (N, D, 4), scores (N, D), labels (N, D), num_detections (N,))``; rows of
+            each image are sorted by decreasing score, valid rows first.
+        """
+        cls_logits, bbox_regression = self.network(images)
+        return self.postprocess(cls_logits, bbox_regression, images)
+
+
+def dense_to_list(
+    boxes: Tensor, scores: Tensor, labels: Tensor, num_detections: Tensor
+) -> list[dict[str, Tensor]]:
+    """Per-image ``{"boxes", "scores", "labels"}`` dicts (torchvision's format) from dense outputs."""
+    boxes, scores = torch.as_tensor(boxes), torch.as_tensor(scores)
+    labels, num_detections = torch.as_tensor(labels), torch.as_tensor(num_detections)
+    return [
+        {"boxes": boxes[i, :n], "scores": scores[i, :n], "labels": labels[i, :n]}
+        for i, n in enumerate(num_detections.tolist())
+    ]
+
+
+# ----------------------------------------------------------------------------- LR-ASPP
+class SegmenterDeploy(nn.Module):
+    """Normalisation + a segmentation model: ``images in [0, 1] -> logits (N, C, H, W)``.
+
+    Args:
+        model: e.g. :class:`mnv3det.models.lraspp.LRASPP` (returns a logits tensor) or
+            torchvision's LR-ASPP (returns ``{"out": logits}``; ``"out"`` is taken).
+        mean: per-channel normalisation mean (ImageNet by default, as the LR-ASPP task uses).
+        std: per-channel normalisation std.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits at the input resolution for ``images (N, 3, H, W)`` in ``[0, 1]``."""
+        out = self.model((images - self.mean) / self.std)
+        return out["out"] if isinstance(out, dict) else out
