@@ -547,10 +547,14 @@ def _greedy_dense(boxes: Tensor, keep: Tensor, iou_threshold: float) -> Tensor:
     inter = w.mul_(h)
     union = (area[:, :, None] + area[:, None, :]).sub_(inter)
     suppress = inter.div_(union) > iou_threshold  # 0/0 (two empty boxes) is NaN: no suppression
-    keep = keep.clone()
     k = keep.shape[1]
+    # suppress_by[i] = (G, K): which boxes rank i suppresses (only lower ranks), contiguous so
+    # each step below runs on contiguous memory.
+    later = torch.ones(k, k, dtype=torch.bool, device=boxes.device).triu(diagonal=1)
+    suppress_by = (suppress & later).transpose(0, 1).contiguous()
+    keep = keep.clone()
     for i in range(k - 1):  # rank i's fate is final once the ranks above it are done
-        keep[:, i + 1 :] &= ~(suppress[:, i, i + 1 :] & keep[:, i : i + 1])
+        keep &= ~(suppress_by[i] & keep[:, i : i + 1])
     return keep
 
 
