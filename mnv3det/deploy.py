@@ -33,8 +33,10 @@ from torch import Tensor, nn
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "FastSSDLite",
     "SSDLiteDeploy",
     "SegmenterDeploy",
+    "dense_to_list",
     "nms_keep_mask",
     "onnx_translation_table",
 ]
@@ -43,6 +45,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: torchvision's ``BoxCoder`` clamp of dw/dh before ``exp`` (``log(1000 / 16)``).
 _BBOX_XFORM_CLIP = math.log(1000.0 / 16)
+#: Above this many candidates the eager NMS runs one torchvision NMS per row (see nms_keep_mask).
+SINGLE_PASS_MAX_BOXES = 4000
 
 
 # ----------------------------------------------------------------------------- NMS op
@@ -67,18 +71,32 @@ def nms_keep_mask(
     flat_scores = scores.reshape(-1)
     candidates = (flat_scores > score_threshold).nonzero().squeeze(1)
     keep = torch.zeros(b * k, dtype=torch.bool, device=scores.device)
-    if candidates.numel():
-        # One NMS for every group: shift each row's boxes so rows cannot overlap (float64, the
-        # same trick as heads.ssdlite.batched_nms_single_pass; batched_nms loops on the CPU).
-        from torchvision.ops import nms
+    if candidates.numel() == 0:
+        return keep.view(b, k)
+    from torchvision.ops import nms
 
+    groups = torch.div(candidates, k, rounding_mode="floor")
+    if candidates.numel() <= SINGLE_PASS_MAX_BOXES:
+        # Few candidates: one NMS for every group. Shift each row's boxes so that rows cannot
+        # overlap (float64, as heads.ssdlite.batched_nms_single_pass).
         cand_boxes = boxes.reshape(-1, 4)[candidates].to(torch.float64)
-        groups = torch.div(candidates, k, rounding_mode="floor").to(torch.float64)
         low = cand_boxes.min()
         span = cand_boxes.max() - low + 1.0
-        shifted = cand_boxes - low + (groups * span)[:, None]
+        shifted = cand_boxes - low + (groups.to(torch.float64) * span)[:, None]
         kept = nms(shifted, flat_scores[candidates].to(torch.float64), iou_threshold)
         keep[candidates[kept]] = True
+        return keep.view(b, k)
+    # Many candidates (e.g. an untrained model: every class passes the 0.001 threshold, 90 x
+    # 300 boxes): torchvision's NMS kernel compares every kept box with *all* later boxes, so
+    # one call on N shifted boxes costs O(N^2) (2.6 s for 27,000 boxes here) while one call
+    # per non-empty row costs O(sum K_row^2) (~30 ms). torchvision.ops.batched_nms makes the
+    # same switch on the CPU. The loop runs over rows inside this op, in C++ calls.
+    rows = torch.unique_consecutive(groups).tolist()
+    box_rows, score_rows, valid = boxes, scores, scores > score_threshold
+    for row in rows:
+        idx = valid[row].nonzero().squeeze(1)
+        kept = nms(box_rows[row, idx], score_rows[row, idx], iou_threshold)
+        keep[row * k + idx[kept]] = True
     return keep.view(b, k)
 
 
@@ -195,9 +213,15 @@ class SSDLiteDeploy(nn.Module):
         )
 
     def postprocess(
-        self, cls_logits: Tensor, bbox_regression: Tensor, images: Tensor
+        self, cls_logits: Tensor, bbox_regression: Tensor, scale: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Dense torchvision post-processing; see the module docstring for the outputs."""
+        """Dense torchvision post-processing; see the module docstring for the outputs.
+
+        Args:
+            cls_logits: ``(N, A, C)``.
+            bbox_regression: ``(N, A, 4)``.
+            scale: ``(4,)`` or ``(N, 1, 4)`` factors from network-input to image pixels.
+        """
         n, a, c = cls_logits.shape
         boxes = self.decode(bbox_regression)  # (N, A, 4), network-input pixels
         fg = F.softmax(cls_logits, dim=-1)[..., 1:].transpose(1, 2)  # (N, C-1, A)
@@ -217,11 +241,7 @@ class SSDLiteDeploy(nn.Module):
         valid = scores > self.score_thresh
         labels = torch.div(index, k, rounding_mode="floor") + 1
         out_boxes = cand_boxes.view(n, -1, 4).gather(1, index.unsqueeze(-1).expand(n, d, 4))
-        # Back to the input image's pixels (torchvision's resize_boxes ratios).
-        h, w = images.shape[-2:]
-        ratio_w = torch.tensor(w, dtype=torch.float32) / float(self.size[1])
-        ratio_h = torch.tensor(h, dtype=torch.float32) / float(self.size[0])
-        out_boxes = out_boxes * torch.stack((ratio_w, ratio_h, ratio_w, ratio_h))
+        out_boxes = out_boxes * scale
         zero = torch.zeros((), dtype=out_boxes.dtype)
         return (
             torch.where(valid.unsqueeze(-1), out_boxes, zero),
@@ -241,7 +261,86 @@ class SSDLiteDeploy(nn.Module):
             each image are sorted by decreasing score, valid rows first.
         """
         cls_logits, bbox_regression = self.network(images)
-        return self.postprocess(cls_logits, bbox_regression, images)
+        return self.postprocess(cls_logits, bbox_regression, self.box_scale(images))
+
+    def box_scale(self, images: Tensor) -> Tensor:
+        """``(4,)`` factors from network-input to ``images`` pixels (torchvision's
+        ``resize_boxes``: float32 original size / resized size)."""
+        h, w = images.shape[-2:]
+        ratio_w = torch.tensor(w, dtype=torch.float32) / float(self.size[1])
+        ratio_h = torch.tensor(h, dtype=torch.float32) / float(self.size[0])
+        return torch.stack((ratio_w, ratio_h, ratio_w, ratio_h))
+
+
+class FastSSDLite(nn.Module):
+    """Fast PyTorch inference for SSDLite with torchvision's output format.
+
+    BatchNorms folded into the convolutions (:func:`mnv3det.inference.optimize_for_inference`,
+    optionally channels_last), batched pre-processing (one normalise + resize for a batch of
+    same-size images) and the dense post-processing of :class:`SSDLiteDeploy` (no loop over
+    images or classes; NMS is :func:`nms_keep_mask`). Detections equal the original model's.
+
+    Args:
+        model: an :class:`mnv3det.models.ssdlite.SSDLite` (left unchanged).
+        channels_last: run the network in channels_last memory format.
+        **deploy_kwargs: threshold overrides (see :class:`SSDLiteDeploy`).
+    """
+
+    def __init__(
+        self, model: nn.Module, channels_last: bool = False, **deploy_kwargs: float | int | None
+    ) -> None:
+        super().__init__()
+        from mnv3det.inference import optimize_for_inference
+
+        self.channels_last = channels_last
+        self.deploy = SSDLiteDeploy(
+            optimize_for_inference(model, channels_last=channels_last), **deploy_kwargs
+        )
+
+    def preprocess(self, images: Tensor | list[Tensor]) -> tuple[Tensor, Tensor]:
+        """``(normalised batch at the model size, (N, 1, 4) box scale per image)``."""
+        d = self.deploy
+        if isinstance(images, Tensor) or len({tuple(im.shape) for im in images}) == 1:
+            batch = images if isinstance(images, Tensor) else torch.stack(list(images))
+            scale = d.box_scale(batch).expand(batch.shape[0], 1, 4)
+            x = F.interpolate(
+                (batch - d.mean) / d.std, size=d.size, mode="bilinear", align_corners=False
+            )
+        else:  # mixed sizes: resize each image, as torchvision's transform does
+            x = torch.cat(
+                [
+                    F.interpolate(
+                        (im[None] - d.mean) / d.std,
+                        size=d.size,
+                        mode="bilinear",
+                        align_corners=False,
+                    )
+                    for im in images
+                ]
+            )
+            scale = torch.stack([d.box_scale(im) for im in images])[:, None]
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, scale
+
+    def network(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Backbone, extra blocks and heads on a pre-processed batch."""
+        m = self.deploy.model
+        c4, c5 = m.backbone(x).values()
+        out = m.head([c4, c5, *m.extra(c5)])
+        return out["cls_logits"], out["bbox_regression"]
+
+    def postprocess(
+        self, cls_logits: Tensor, bbox_regression: Tensor, scale: Tensor
+    ) -> list[dict[str, Tensor]]:
+        """Per-image ``{"boxes", "scores", "labels"}`` (torchvision's format)."""
+        return dense_to_list(*self.deploy.postprocess(cls_logits, bbox_regression, scale))
+
+    @torch.no_grad()
+    def forward(self, images: Tensor | list[Tensor]) -> list[dict[str, Tensor]]:
+        """Detections for ``(N, 3, H, W)`` or a list of ``(3, H, W)`` images in ``[0, 1]``."""
+        x, scale = self.preprocess(images)
+        return self.postprocess(*self.network(x), scale)
 
 
 def dense_to_list(
