@@ -8,10 +8,11 @@ What the data exercises:
 
 * four shape classes with **non-contiguous** category ids (circle 1, square 3, triangle 7,
   cross 12), so the contiguous label mapping of :class:`mnv3det.data.coco.CocoDetection` is used;
-* shapes of 12-45 % of the image side, random colours kept at a clear luminance distance from the
-  background, backgrounds that are flat-with-noise, linear gradients or blotchy low-frequency noise;
+* shapes of 15-50 % of the image side (default; matched to SSDLite's default boxes), random
+  colours kept at a clear luminance distance from the background, backgrounds that are flat-with-noise, linear gradients or blotchy low-frequency noise;
 * overlapping shapes (later shapes occlude earlier ones; the overlap is bounded, as intersection
-  over the smaller box, so every object stays mostly visible), some images with no objects at all, and a few ``iscrowd=1`` annotations (a cluster of
+  over the smaller box, so every object stays mostly visible), some images with no objects at
+  all, and a few ``iscrowd=1`` annotations (a cluster of
   small same-class shapes with one RLE mask), as COCO has;
 * polygon segmentations for ordinary objects, so ``area`` is the polygon area as in COCO.
 
@@ -39,7 +40,7 @@ SHAPE_CATEGORIES: tuple[tuple[int, str], ...] = (
 )
 
 _SPLIT_INDEX = {"train2017": 0, "val2017": 1}
-_FORMAT_VERSION = 1  # bump when the drawing changes, so cached data sets are regenerated
+_FORMAT_VERSION = 2  # bump when the drawing changes, so cached data sets are regenerated
 
 
 def _as_hw(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -252,8 +253,8 @@ def generate_shapes_coco(
     max_objects: int = 4,
     empty_fraction: float = 0.08,
     crowd_fraction: float = 0.04,
-    min_size: float = 0.12,
-    max_size: float = 0.45,
+    min_size: float = 0.15,
+    max_size: float = 0.5,
     max_overlap: float = 0.35,
     image_format: str = "jpg",
     overwrite: bool = False,
@@ -276,7 +277,9 @@ def generate_shapes_coco(
         max_objects: at most this many ordinary objects per image (at least 1 in a non-empty one).
         empty_fraction: probability that an image has no objects at all (a negative).
         crowd_fraction: probability that an image also gets one ``iscrowd=1`` cluster.
-        min_size: smallest object side as a fraction of the shorter image side.
+        min_size: smallest object side as a fraction of the shorter image side. The default
+            0.15 keeps every object matchable by SSDLite's smallest default box (0.2 of the
+            side: IoU >= 0.5 down to ~0.15); smaller objects get only their forced best match.
         max_size: largest object side as a fraction of the shorter image side.
         max_overlap: largest overlap allowed between two objects of one image, as the
             intersection over the smaller box's area (so no object is hidden behind another).
