@@ -9,11 +9,12 @@ What the data exercises:
 * four shape classes with **non-contiguous** category ids (circle 1, square 3, triangle 7,
   cross 12), so the contiguous label mapping of :class:`mnv3det.data.coco.CocoDetection` is used;
 * shapes of 15-50 % of the image side (default; matched to SSDLite's default boxes), random
-  colours kept at a clear luminance distance from the background, backgrounds that are flat-with-noise, linear gradients or blotchy low-frequency noise;
+  colours kept at a clear luminance distance from the background, backgrounds that are
+  flat-with-noise, linear gradients or blotchy low-frequency noise;
 * overlapping shapes (later shapes occlude earlier ones; the overlap is bounded, as intersection
   over the smaller box, so every object stays mostly visible), some images with no objects at
-  all, and a few ``iscrowd=1`` annotations (a cluster of
-  small same-class shapes with one RLE mask), as COCO has;
+  all, and a few ``iscrowd=1`` annotations (a cluster of small same-class shapes with one RLE
+  mask), as COCO has;
 * polygon segmentations for ordinary objects, so ``area`` is the polygon area as in COCO.
 
 Everything is drawn with numpy/PIL and is deterministic in ``seed``: image ``i`` of a split is
