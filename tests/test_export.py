@@ -1,0 +1,105 @@
+"""ONNX export: SSDLite with decoding + NMS in the graph and LR-ASPP with dynamic H/W, run in
+onnxruntime on the CPU and compared with the PyTorch models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_bn_stats
+from test_inference import assert_same_detections, spread_head
+
+import mnv3det
+from mnv3det.deploy import SegmenterDeploy, dense_to_list
+from mnv3det.export import main as export_main
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+
+def session(path: Path):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def ssdlite_export(tmp_path_factory):
+    """A small SSDLite (random BN statistics) saved, then exported through the CLI."""
+    tmp = tmp_path_factory.mktemp("ssdlite")
+    torch.manual_seed(0)
+    model = mnv3det.ssdlite("large", num_classes=5, size=128, width_mult=0.5)
+    model = spread_head(randomize_bn_stats(model)).eval()
+    weights = tmp / "ssdlite.pt"
+    torch.save(model.state_dict(), weights)
+    output = tmp / "ssdlite.onnx"
+    args = ["--model", "ssdlite", "--num-classes", "5", "--size", "128", "--width-mult", "0.5"]
+    rc = export_main([*args, "--weights", str(weights), "--output", str(output)])
+    assert rc == 0 and output.is_file()
+    return model, output
+
+
+@pytest.fixture(scope="module")
+def lraspp_export(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lraspp")
+    torch.manual_seed(0)
+    model = randomize_bn_stats(mnv3det.lraspp("large", num_classes=19, width_mult=0.5)).eval()
+    weights = tmp / "lraspp.pt"
+    torch.save(model.state_dict(), weights)
+    output = tmp / "lraspp.onnx"
+    args = ["--model", "lraspp", "--width-mult", "0.5", "--weights", str(weights)]
+    rc = export_main([*args, "--output", str(output), "--check"])
+    assert rc == 0 and output.is_file()
+    return model, output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(2, 3, 128, 128), (1, 3, 96, 160), (3, 3, 200, 150)])
+def test_ssdlite_onnx_matches_pytorch(ssdlite_export, shape):
+    model, path = ssdlite_export
+    sess = session(path)
+    assert [o.name for o in sess.get_outputs()] == ["boxes", "scores", "labels", "num_detections"]
+    images = torch.rand(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    boxes, scores, labels, num = sess.run(None, {"images": images.numpy()})
+    assert boxes.shape == (shape[0], 300, 4) and labels.dtype == np.int64
+    with torch.no_grad():
+        ref = model(images)
+    out = dense_to_list(boxes, scores, labels, num)
+    for a, b in zip(ref, out, strict=True):
+        assert len(a["scores"]) > 0
+        # boxes in input-image pixels within 1e-2 px; scores to float rounding
+        assert_same_detections(a, b, box_tol=1e-2, score_tol=1e-5)
+
+
+@pytest.mark.slow
+def test_ssdlite_onnx_graph_has_postprocessing(ssdlite_export):
+    _, path = ssdlite_export
+    graph = onnx.load(str(path)).graph
+    ops = {node.op_type for node in graph.node}
+    assert {"NonMaxSuppression", "TopK", "Softmax", "Exp"} <= ops
+    assert "BatchNormalization" not in ops  # folded before export
+    dims = graph.input[0].type.tensor_type.shape.dim
+    assert all(d.dim_param for i, d in enumerate(dims) if i != 1)  # dynamic N, H, W
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(1, 3, 64, 128), (2, 3, 100, 72)])
+def test_lraspp_onnx_logits_match_with_dynamic_size(lraspp_export, shape):
+    model, path = lraspp_export
+    images = torch.rand(*shape, generator=torch.Generator().manual_seed(1))
+    (logits,) = session(path).run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        ref = SegmenterDeploy(model)(images).numpy()
+    assert logits.shape == ref.shape == (shape[0], 19, *shape[2:])
+    np.testing.assert_allclose(logits, ref, atol=1e-3, rtol=0)
+
+
+def test_export_cli_errors(tmp_path, capsys):
+    missing = tmp_path / "nope.pt"
+    rc = export_main(["--model", "lraspp", "--weights", str(missing), "--output", "x.onnx"])
+    assert rc == 2 and "nope.pt" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --int8 without calibration data
+        export_main(["--model", "lraspp", "--output", str(tmp_path / "a.onnx"), "--int8"])
+    assert "--calib-root" in capsys.readouterr().err
