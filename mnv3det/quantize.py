@@ -183,3 +183,219 @@ def calibration_images(
     for index in order.tolist():
         image = dataset[index][0]
         yield np.asarray(image, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------- accuracy cost
+def _onnx_session(path: str | Path, threads: int = 2):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _onnx_runner(path: str | Path, convert):
+    """``image (3, H, W) tensor -> convert(session outputs)`` for one image."""
+    session = _onnx_session(path)
+
+    def run(image):
+        return convert(session.run(None, {"images": image[None].numpy()}))
+
+    return run
+
+
+def _train_briefly(model, loader, steps: int, lr: float, loss_fn, log) -> None:
+    """A short SGD + cosine run (for the demo data when no checkpoint is given)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=4e-5)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)),
+    )
+    model.train()
+    step = 0
+    while step < steps:
+        for batch in loader:
+            loss = loss_fn(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if step % 25 == 0 or step == steps:
+                log(f"[int8-accuracy] step {step}/{steps} loss {float(loss):.3f}")
+            if step >= steps:
+                break
+    model.eval()
+
+
+def detection_accuracy(
+    root: str | Path,
+    workdir: str | Path,
+    weights: str | Path | None = None,
+    train_steps: int = 300,
+    size: int = 320,
+    calib: int = 300,
+    batch_size: int = 16,
+    log=print,
+) -> dict[str, dict[str, float]]:
+    """AP / AP50 of SSDLite-Large on a COCO-format data set: PyTorch, ONNX fp32, ONNX int8.
+
+    The model is ``ssdlite("large", size=size)`` with the data set's classes, loaded from
+    ``weights`` or trained for ``train_steps`` on the training split; int8 is calibrated on up to
+    ``calib`` training images; all three are evaluated on the validation split with
+    :class:`mnv3det.metrics.coco.CocoMetric`.
+    """
+    import torch
+
+    import mnv3det
+    from mnv3det.deploy import dense_to_list
+    from mnv3det.export import export_ssdlite
+    from mnv3det.metrics.coco import CocoMetric
+    from mnv3det.tasks.detection_data import CocoDataModule
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    data = CocoDataModule(root, size=size, batch_size=batch_size, num_workers=0, seed=0)
+    data.setup("fit")
+    torch.manual_seed(0)
+    model = mnv3det.ssdlite("large", num_classes=data.num_classes, size=size, weights=weights)
+    if weights is None:
+
+        def loss_fn(m, batch):
+            images, targets = batch
+            losses = m(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
+            return sum(losses.values())
+
+        _train_briefly(model, data.train_dataloader(), train_steps, 0.05, loss_fn, log)
+        torch.save(model.state_dict(), workdir / "ssdlite_demo.pt")
+    model.eval()
+    fp32 = export_ssdlite(model, workdir / "ssdlite_demo.onnx")
+    images = calibration_images("ssdlite", root, calib, split=data.train_split)
+    int8 = quantize_onnx(fp32, workdir / "ssdlite_demo.int8.onnx", images)
+
+    val = data.val_dataset
+    runners = {
+        "pytorch": lambda x: model(x),
+        "onnx_fp32": _onnx_runner(fp32, lambda out: dense_to_list(*out)),
+        "onnx_int8": _onnx_runner(int8, lambda out: dense_to_list(*out)),
+    }
+    results = {}
+    for name, run in runners.items():
+        metric = CocoMetric(val.coco, data.label_to_cat_id)
+        with torch.no_grad():
+            for index in range(len(val)):
+                image, target = val[index]
+                dets = run(image) if name != "pytorch" else run([image])
+                metric.update(dets, [target])
+        stats = metric.compute()
+        results[name] = {"AP": 100 * stats["map"], "AP50": 100 * stats["map_50"]}
+        log(f"[int8-accuracy] ssdlite {name}: {results[name]}")
+    return results
+
+
+def segmentation_accuracy(
+    root: str | Path,
+    workdir: str | Path,
+    weights: str | Path | None = None,
+    train_steps: int = 300,
+    calib: int = 300,
+    batch_size: int = 8,
+    crop: tuple[int, int] = (256, 256),
+    log=print,
+) -> dict[str, dict[str, float]]:
+    """mIoU of LR-ASPP-Large (19 classes) on a Cityscapes-format data set: PyTorch, ONNX fp32/int8.
+
+    Same protocol as :func:`detection_accuracy`; :class:`mnv3det.metrics.segmentation.
+    SegmentationMetrics` on the full-size validation images.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    import mnv3det
+    from mnv3det.deploy import SegmenterDeploy
+    from mnv3det.export import export_lraspp
+    from mnv3det.metrics.segmentation import SegmentationMetrics
+    from mnv3det.tasks.segmentation_data import CityscapesDataModule
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    data = CityscapesDataModule(
+        root, crop_size=crop, batch_size=batch_size, num_workers=0, pin_memory=False
+    )
+    torch.manual_seed(0)
+    model = mnv3det.lraspp("large", num_classes=19, weights=weights)
+    deploy = SegmenterDeploy(model)  # normalisation + model (shares the model's parameters)
+    if weights is None:
+
+        def loss_fn(_, batch):
+            images, masks = batch
+            return F.cross_entropy(
+                deploy.model((images - deploy.mean) / deploy.std), masks, ignore_index=255
+            )
+
+        _train_briefly(model, data.train_dataloader(), train_steps, 0.02, loss_fn, log)
+        torch.save(model.state_dict(), workdir / "lraspp_demo.pt")
+    model.eval()
+    fp32 = export_lraspp(model, workdir / "lraspp_demo.onnx")
+    images = calibration_images("lraspp", root, calib, split=data.train_split)
+    int8 = quantize_onnx(fp32, workdir / "lraspp_demo.int8.onnx", images)
+
+    val = data.val_dataset
+    runners = {
+        "pytorch": lambda x: deploy(x[None]),
+        "onnx_fp32": _onnx_runner(fp32, lambda out: torch.from_numpy(out[0])),
+        "onnx_int8": _onnx_runner(int8, lambda out: torch.from_numpy(out[0])),
+    }
+    results = {}
+    for name, run in runners.items():
+        metric = SegmentationMetrics(num_classes=19)
+        with torch.no_grad():
+            for index in range(len(val)):
+                image, mask = val[index]
+                metric.update(run(image).argmax(1), mask[None])
+        results[name] = {"mIoU": 100 * float(metric.compute()["miou"])}
+        log(f"[int8-accuracy] lraspp {name}: {results[name]}")
+    return results
+
+
+def main(argv=None) -> int:
+    """``python -m mnv3det.quantize``: measure the int8 accuracy cost on a data set."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(
+        prog="python -m mnv3det.quantize",
+        description="fp32 vs int8 accuracy (AP/AP50 or mIoU) of the exported ONNX models",
+    )
+    parser.add_argument("--model", choices=("ssdlite", "lraspp"), required=True)
+    parser.add_argument("--data-root", required=True, help="COCO / Cityscapes layout")
+    parser.add_argument("--workdir", required=True, help="where models and ONNX files go")
+    parser.add_argument("--weights", default=None, help="trained checkpoint (else train)")
+    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--calib-images", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=None, help="training batch (16 / 8)")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    if not Path(args.data_root).exists():
+        parser.error(f"--data-root {args.data_root} does not exist")
+    common = dict(weights=args.weights, train_steps=args.train_steps, calib=args.calib_images)
+    if args.batch_size:
+        common["batch_size"] = args.batch_size
+    if args.model == "ssdlite":
+        results = detection_accuracy(args.data_root, args.workdir, **common)
+    else:
+        results = segmentation_accuracy(args.data_root, args.workdir, **common)
+    print(json.dumps(results, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
