@@ -306,8 +306,13 @@ class SSDLite(nn.Module):
         """
         state, name = read_state_dict(source)
         fmt = "mnv3det"
-        if any(k.startswith("model.backbone.") for k in state):  # DetectionTask checkpoint
-            state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+        # A DetectionTask checkpoint: its EMA weights when it has them (those are the evaluated
+        # ones), else the trained weights.
+        for prefix, kind in (("ema.module.", "mnv3det EMA"), ("model.", "mnv3det")):
+            if any(k.startswith(prefix + "backbone.") for k in state):
+                state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+                fmt = kind
+                break
         if any(k.startswith("backbone.extra.") for k in state):
             state, fmt = torchvision_ssdlite_to_mnv3det(state), "torchvision"
         report = load_matching(self, state, name, fmt, describe=self.describe())
