@@ -129,10 +129,19 @@ class SegmentationMetrics(Metric):
         """``{"iou", "miou", "miou_all", "pixel_acc", "mean_acc"}`` (see the module docstring)."""
         return metrics_from_confmat(self.confmat)
 
+    def global_confmat(self) -> Tensor:
+        """The confusion matrix summed over all processes (a copy).
+
+        ``self.confmat`` is this process's share only: torchmetrics syncs the state inside
+        ``compute()`` and restores the local state afterwards.
+        """
+        with self.sync_context():
+            return self.confmat.detach().clone()
+
     def table(self, results: dict[str, Tensor] | None = None) -> str:
         """The per-class IoU table of the current state (or of ``results``) as text."""
         results = self.compute() if results is None else results
-        return format_iou_table(results, self.class_names, self.confmat)
+        return format_iou_table(results, self.class_names, self.global_confmat())
 
 
 def metrics_from_confmat(confmat: Tensor) -> dict[str, Tensor]:

@@ -1,0 +1,315 @@
+"""LightningModule for LR-ASPP semantic segmentation on Cityscapes (paper §6.4).
+
+Configs name it ``mnv3det.tasks.segmentation.SegmentationTask`` together with
+:class:`mnv3det.tasks.segmentation_data.CityscapesDataModule`:
+
+* the model is :func:`mnv3det.lraspp` (arch, width, reduced tail, dilation, gate pooling,
+  torchvision/ImageNet weights);
+* data come as images in [0, 1]; the task normalises them with the ImageNet mean/std (what
+  torchvision's and the ImageNet backbone weights expect), so the same data module serves every
+  model;
+* training: per-pixel cross-entropy with ``ignore_index=255``, SGD with momentum and a
+  per-step polynomial ("poly", power 0.9) learning-rate decay, the DeepLab/LR-ASPP recipe
+  (:func:`mnv3det.tasks.optim.sgd_with_schedule`);
+* validation/test: the full image (optionally with sliding-window inference for images larger
+  than the training crop), a confusion-matrix mIoU over the 19 classes that is correct under
+  DDP (:class:`mnv3det.metrics.segmentation.SegmentationMetrics`), logged as ``val/miou``,
+  ``val/pixel_acc``, ``val/miou_all`` and ``val/iou/<class>``; the per-class table is printed at
+  the end of every validation;
+* predict: train-id masks at the original image size, written as label-id PNGs, colour masks
+  and overlays by :class:`mnv3det.tasks.segmentation_writer.SegmentationPredictionWriter`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from mnv3det.data.cityscapes_labels import CLASS_NAMES, IGNORE_INDEX
+from mnv3det.metrics.segmentation import (
+    SegmentationMetrics,
+    format_iou_table,
+    metrics_from_confmat,
+)
+from mnv3det.models.lraspp import lraspp
+from mnv3det.tasks.optim import sgd_with_schedule
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Start offsets covering ``size`` with ``window``-long windows; the last one ends at the edge."""
+    starts = list(range(0, max(size - window, 0) + 1, stride))
+    if starts[-1] + window < size:
+        starts.append(size - window)
+    return starts
+
+
+def sliding_window_logits(
+    model: Callable[[Tensor], Tensor],
+    images: Tensor,
+    window: Sequence[int],
+    stride: Sequence[int],
+    num_classes: int,
+) -> Tensor:
+    """Logits of a large image from overlapping windows, averaged where windows overlap.
+
+    As in mmsegmentation's ``slide`` inference: windows of ``window`` (clamped to the image)
+    every ``stride`` pixels plus one flush with the bottom/right edge; the logits of overlapping
+    windows are averaged. Useful when evaluating at a resolution larger than the training crop
+    (e.g. 1024x2048 images, 512x1024 crops) without changing the receptive-field statistics the
+    gate pooling saw in training.
+
+    Args:
+        model: maps ``(N, 3, h, w)`` normalised images to ``(N, C, h, w)`` logits.
+        images: ``(N, 3, H, W)`` normalised images.
+        window: ``(height, width)`` of a window.
+        stride: ``(height, width)`` step between windows.
+        num_classes: ``C``.
+
+    Returns:
+        ``(N, C, H, W)`` logits.
+    """
+    n, _, h, w = images.shape
+    wh, ww = min(int(window[0]), h), min(int(window[1]), w)
+    out = images.new_zeros((n, num_classes, h, w))
+    count = images.new_zeros((1, 1, h, w))
+    for y in _window_starts(h, wh, int(stride[0])):
+        for x in _window_starts(w, ww, int(stride[1])):
+            out[:, :, y : y + wh, x : x + ww] += model(images[:, :, y : y + wh, x : x + ww])
+            count[:, :, y : y + wh, x : x + ww] += 1
+    return out / count
+
+
+class SegmentationTask(L.LightningModule):
+    """Train and evaluate LR-ASPP-MobileNetV3 (paper §6.4).
+
+    Args:
+        arch: "large" or "small".
+        num_classes: classes (19 Cityscapes train ids).
+        width_mult: backbone width multiplier.
+        reduced_tail: halve the last stage (paper's RF2, used for its Cityscapes results).
+        dilated: last stage dilated (output stride 16, the paper's default) or strided (32).
+        pooling: LR-ASPP gate pooling, ``"global"`` (torchvision) or ``"paper"`` (49x49 window,
+            stride (16, 20), clamped to the map; see :mod:`heads.lraspp`).
+        weights: a full LR-ASPP checkpoint (torchvision's or ours) to start from.
+        weights_backbone: an ImageNet MobileNetV3 checkpoint for the backbone (the paper trains
+            from scratch; torchvision's recipe starts from ImageNet weights).
+        low_tap: LR-ASPP low-level tap, ``"stage3"``, ``"stage3_first"`` or ``None`` (auto).
+        lr: base learning rate (0.01 in mmsegmentation's LR-ASPP recipe at batch 16).
+        momentum: SGD momentum.
+        weight_decay: decay on conv weights (not on BatchNorm/biases).
+        warmup_steps: linear warm-up steps before the poly decay.
+        bn_momentum: BatchNorm running-statistics momentum for every BN layer; ``None`` keeps
+            the model's (torchvision's 0.01 in the backbone, 0.1 in the head). Short runs from
+            scratch (the demo, a few hundred steps) need 0.1, or the running statistics used
+            in evaluation are still close to their initial values.
+        ignore_index: label value ignored by loss and metric.
+        val_window: ``(height, width)`` for sliding-window validation/test/predict, or ``None``
+            for one pass over the full image.
+        val_window_stride: step between windows (default: two thirds of ``val_window``).
+        class_names: names for the IoU table (default: Cityscapes train-id names).
+        print_table: print the per-class IoU table after each validation/test (rank 0 only).
+        mean: normalisation mean for [0, 1] inputs (ImageNet).
+        std: normalisation std for [0, 1] inputs (ImageNet).
+    """
+
+    def __init__(
+        self,
+        arch: str = "large",
+        num_classes: int = 19,
+        width_mult: float = 1.0,
+        reduced_tail: bool = True,
+        dilated: bool = True,
+        pooling: str = "global",
+        weights: str | None = None,
+        weights_backbone: str | None = None,
+        low_tap: str | None = None,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 4e-5,
+        warmup_steps: int = 0,
+        bn_momentum: float | None = None,
+        ignore_index: int = IGNORE_INDEX,
+        val_window: tuple[int, int] | None = None,
+        val_window_stride: tuple[int, int] | None = None,
+        class_names: Sequence[str] | None = None,
+        print_table: bool = True,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if lr <= 0:
+            raise ValueError(f"SegmentationTask: lr must be > 0, got {lr}")
+        if val_window is not None and (len(val_window) != 2 or min(val_window) < 1):
+            raise ValueError(
+                f"SegmentationTask: val_window must be (height, width), got {val_window}"
+            )
+        self.model = lraspp(
+            arch,
+            num_classes=num_classes,
+            width_mult=width_mult,
+            reduced_tail=reduced_tail,
+            dilated=dilated,
+            pooling=pooling,
+            weights=weights,
+            weights_backbone=weights_backbone,
+            low_tap=low_tap,
+        )
+        if bn_momentum is not None:
+            if not 0.0 < bn_momentum <= 1.0:
+                raise ValueError(
+                    f"SegmentationTask: bn_momentum must be in (0, 1], got {bn_momentum}"
+                )
+            for module in self.model.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.momentum = bn_momentum
+        if class_names is None:
+            class_names = (
+                CLASS_NAMES
+                if num_classes == len(CLASS_NAMES)
+                else [f"class{i}" for i in range(num_classes)]
+            )
+        self.class_names = tuple(class_names)
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.val_window = None if val_window is None else tuple(int(v) for v in val_window)
+        if val_window_stride is None and self.val_window is not None:
+            val_window_stride = tuple(max(1, 2 * v // 3) for v in self.val_window)
+        self.val_window_stride = val_window_stride
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.val_metric = SegmentationMetrics(num_classes, ignore_index, self.class_names)
+        self.test_metric = SegmentationMetrics(num_classes, ignore_index, self.class_names)
+        self.last_results: dict[str, Any] = {}
+        """Results of the last validation/test (``iou``, ``miou``, ..., ``table``)."""
+
+    # ----------------------------------------------------------------- model
+    def normalize(self, images: Tensor) -> Tensor:
+        """[0, 1] RGB -> ImageNet-normalised."""
+        return (images - self.mean) / self.std
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits ``(N, C, H, W)`` for ``[0, 1]`` images ``(N, 3, H, W)``."""
+        return self.model(self.normalize(images))
+
+    def infer(self, images: Tensor) -> Tensor:
+        """Evaluation logits: one pass, or sliding windows when ``val_window`` is set."""
+        x = self.normalize(images)
+        if self.val_window is None:
+            return self.model(x)
+        return sliding_window_logits(
+            self.model, x, self.val_window, self.val_window_stride, self.num_classes
+        )
+
+    # -------------------------------------------------------------- training
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, masks = batch
+        logits = self(images)
+        if (masks != self.ignore_index).any():
+            loss = F.cross_entropy(logits, masks, ignore_index=self.ignore_index)
+        else:  # an all-ignore crop: no gradient signal, but not a NaN either
+            loss = logits.sum() * 0.0
+        self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
+        return loss
+
+    def configure_optimizers(self) -> dict:
+        total = int(self.trainer.estimated_stepping_batches)
+        return sgd_with_schedule(
+            self.model,
+            lr=self.hparams.lr,
+            momentum=self.hparams.momentum,
+            weight_decay=self.hparams.weight_decay,
+            total_steps=total,
+            warmup_steps=self.hparams.warmup_steps,
+            schedule="poly",
+        )
+
+    # ------------------------------------------------------------ evaluation
+    def _eval_step(self, batch: tuple[Tensor, Tensor], metric: SegmentationMetrics, stage: str):
+        images, masks = batch
+        logits = self.infer(images)
+        valid = masks != self.ignore_index
+        if valid.any():
+            loss = F.cross_entropy(logits, masks, ignore_index=self.ignore_index)
+            self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=images.shape[0])
+        metric.update(logits, masks)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metric, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metric, "test")
+
+    def _eval_epoch_end(self, metric: SegmentationMetrics, stage: str) -> None:
+        # The confusion matrices of all processes summed (metric.confmat alone is this rank's).
+        confmat = metric.global_confmat()
+        results = metrics_from_confmat(confmat)
+        confmat = confmat.cpu()
+        metric.reset()
+        sanity = self.trainer is not None and self.trainer.sanity_checking
+        if not sanity:
+            # The values are already global (identical on every rank); sync_dist=True only keeps
+            # Lightning from warning about unsynchronised epoch-level logs under DDP.
+            for key in ("miou", "miou_all", "pixel_acc", "mean_acc"):
+                self.log(f"{stage}/{key}", results[key], sync_dist=True)
+            for name, value in zip(self.class_names, results["iou"].tolist()):
+                if value == value:  # absent classes (NaN) are not logged
+                    self.log(f"{stage}/iou/{name.replace(' ', '_')}", value, sync_dist=True)
+        table = format_iou_table(
+            {k: v.cpu() for k, v in results.items()}, self.class_names, confmat
+        )
+        self.last_results = {
+            **{k: v.detach().cpu() for k, v in results.items()},
+            "confmat": confmat,
+            "table": table,
+        }
+        if self.hparams.print_table and not sanity:
+            epoch = f"epoch {self.current_epoch}, step {self.global_step}"
+            rank_zero_info(f"\n[{stage}] per-class IoU ({epoch}):\n{table}")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end(self.val_metric, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end(self.test_metric, "test")
+
+    # --------------------------------------------------------------- predict
+    def predict_step(self, batch: tuple[Tensor, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Train-id masks at the original image size, with the images for overlays.
+
+        Returns:
+            One dict per image: ``pred`` (``uint8 [H, W]`` train ids at ``orig_size``),
+            ``image`` (``uint8 [H, W, 3]`` of the network input, unpadded), and the item's
+            metadata (``file_name``, ``orig_size``, ``input_size``).
+        """
+        images, metas = batch
+        if isinstance(metas, Tensor):  # a labelled split passed to predict: no file names
+            metas = [{"file_name": f"batch{batch_idx:05d}_{i}.png"} for i in range(len(images))]
+        logits = self.infer(images)
+        out = []
+        for i, meta in enumerate(metas):
+            meta = dict(meta) if isinstance(meta, Mapping) else {"file_name": str(meta)}
+            h, w = meta.get("input_size", images.shape[-2:])
+            item_logits = logits[i : i + 1, :, :h, :w]
+            image = images[i, :, :h, :w]
+            orig = tuple(meta.get("orig_size", (h, w)))
+            if orig != (h, w):
+                item_logits = F.interpolate(
+                    item_logits, size=orig, mode="bilinear", align_corners=False
+                )
+            pred = item_logits.argmax(dim=1)[0].to(torch.uint8).cpu()
+            rgb = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu()
+            out.append({**meta, "pred": pred, "image": rgb})
+        return out
+
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SegmentationTask", "sliding_window_logits"]

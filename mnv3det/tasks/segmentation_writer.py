@@ -1,0 +1,113 @@
+"""Writes LR-ASPP predictions: Cityscapes label-id PNGs, colour masks and overlays (paper §6.4).
+
+:class:`SegmentationPredictionWriter` is a Lightning ``BasePredictionWriter`` callback for
+``mnv3det predict``. For every image ``<rel>/<stem>.<ext>`` of the predict folder it writes
+
+* ``OUT/labelIds/<rel>/<stem>.png``: 8-bit PNG of Cityscapes *label ids* (the ``id`` column,
+  e.g. road = 7, car = 26), the format the Cityscapes benchmark server and
+  cityscapesScripts' ``evalPixelLevelSemanticLabeling`` expect (train ids are mapped back with
+  :data:`mnv3det.data.cityscapes_labels.TRAINID_TO_ID`);
+* ``OUT/color/<rel>/<stem>.png``: the mask in the official Cityscapes palette;
+* ``OUT/overlay/<rel>/<stem>.jpg``: the colour mask blended over the image.
+
+Every kind can be switched off. Paths keep the predict folder's sub-folders (``city/...``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image
+
+from mnv3det.data.cityscapes_labels import colorize, train_ids_to_label_ids
+
+
+def overlay(image: np.ndarray, color_mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend a colour mask over an RGB image (both ``uint8 [H, W, 3]``; resized to the mask)."""
+    if image.shape[:2] != color_mask.shape[:2]:
+        size = (color_mask.shape[1], color_mask.shape[0])
+        image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    blended = (1 - alpha) * image.astype(np.float32) + alpha * color_mask.astype(np.float32)
+    return blended.round().clip(0, 255).astype(np.uint8)
+
+
+class SegmentationPredictionWriter(BasePredictionWriter):
+    """Write label-id PNGs, colour masks and overlays for each predicted image.
+
+    Args:
+        output_dir: folder to write to (created).
+        label_ids: write ``labelIds/`` (benchmark-server format).
+        color: write ``color/`` palette masks.
+        overlays: write ``overlay/`` blends.
+        alpha: overlay opacity of the colour mask.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path = "predictions",
+        label_ids: bool = True,
+        color: bool = True,
+        overlays: bool = True,
+        alpha: float = 0.5,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"SegmentationPredictionWriter: alpha must be in [0, 1], got {alpha}")
+        self.output_dir = Path(output_dir)
+        self.label_ids = label_ids
+        self.color = color
+        self.overlays = overlays
+        self.alpha = alpha
+        self.written: list[Path] = []
+
+    def _path(self, kind: str, file_name: str, suffix: str) -> Path:
+        rel = Path(file_name)
+        path = self.output_dir / kind / rel.parent / f"{rel.stem}{suffix}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def write_item(self, item: dict[str, Any]) -> None:
+        """Write the files of one ``predict_step`` item (``pred``, ``image``, ``file_name``)."""
+        pred = np.asarray(item["pred"], dtype=np.uint8)
+        name = str(item["file_name"])
+        if self.label_ids:
+            path = self._path("labelIds", name, ".png")
+            Image.fromarray(train_ids_to_label_ids(pred)).save(path)
+            self.written.append(path)
+        if self.color or self.overlays:
+            color = colorize(pred)
+            if self.color:
+                path = self._path("color", name, ".png")
+                Image.fromarray(color).save(path)
+                self.written.append(path)
+            if self.overlays and item.get("image") is not None:
+                path = self._path("overlay", name, ".jpg")
+                Image.fromarray(overlay(np.asarray(item["image"]), color, self.alpha)).save(
+                    path, quality=90
+                )
+                self.written.append(path)
+
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: Sequence[dict[str, Any]],
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        for item in prediction:
+            self.write_item(item)
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            print(f"[predict] wrote {len(self.written)} files under {self.output_dir}")
+
+
+__all__ = ["SegmentationPredictionWriter", "overlay"]
