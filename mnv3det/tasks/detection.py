@@ -38,6 +38,22 @@ from mnv3det.tasks.optim import make_ema, sgd_with_schedule
 
 __all__ = ["DetectionTask"]
 
+
+def _plain(value: Any) -> Any:
+    """Paths -> str and mapping subclasses -> dict, recursively (safe-unpicklable types only)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return (
+            type(value)(_plain(v) for v in value)
+            if isinstance(value, list)
+            else tuple(_plain(v) for v in value)
+        )
+    return value
+
+
 Batch = tuple[Sequence[Tensor], Sequence[dict[str, Any]]]
 
 
@@ -172,7 +188,7 @@ class DetectionTask(L.LightningModule):
         per_epoch = trainer.num_training_batches / max(1, trainer.accumulate_grad_batches)
         if not math.isfinite(per_epoch) or per_epoch <= 0:
             per_epoch = total / max(1, trainer.max_epochs or 1)
-        warmup = min(total, int(round(self.hparams.warmup_epochs * per_epoch)))
+        warmup = min(total, round(self.hparams.warmup_epochs * per_epoch))
         return sgd_with_schedule(
             self.model,
             lr=self.hparams.lr,
@@ -256,7 +272,11 @@ class DetectionTask(L.LightningModule):
         return out
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["mnv3det_model"] = "ssdlite"
+        # Keep the .ckpt loadable with torch.load(weights_only=True) (mnv3det.weights refuses
+        # anything else): hyper-parameters may hold Paths (e.g. the data module's root).
+        for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+            if key in checkpoint:
+                checkpoint[key] = _plain(checkpoint[key])
 
     @classmethod
     def weights_from_checkpoint(cls, path: str | Path) -> SSDLite:
