@@ -266,3 +266,30 @@ def test_ddp_two_processes_give_the_single_process_confusion_matrix(scenes, tmp_
     # Every non-ignored validation pixel is counted exactly once (not one rank's half).
     valid = sum(int((mask != 255).sum()) for _, mask in CityscapesSegmentation(scenes, "val"))
     assert np.asarray(results[1]["confmat"]).sum() == valid
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_tiny_settings(tmp_path, capsys):
+    from mnv3det.demos.segmentation import main as demo_main
+
+    args = ["--output-dir", str(tmp_path), "--epochs", "1", "--per-city", "2"]
+    args += [
+        "--cities",
+        "aachen",
+        "--image-height",
+        "64",
+        "--crop-height",
+        "64",
+        "--batch-size",
+        "2",
+    ]
+    args += ["--workers", "0", "--num-pictures", "2"]
+    assert demo_main(args) == 0
+    text = capsys.readouterr().out
+    assert "per-class IoU" in text and "mIoU over the classes present" in text and "road" in text
+    assert (tmp_path / "demo_segmentation.png").is_file()
+    assert (tmp_path / "checkpoints/last.ckpt").is_file()
+    ids = np.asarray(
+        Image.open(tmp_path / "predictions/labelIds/aachen/aachen_000000_000019_leftImg8bit.png")
+    )
+    assert set(np.unique(ids).tolist()) <= set(TRAINID_TO_ID.tolist())
