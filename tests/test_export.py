@@ -103,3 +103,32 @@ def test_export_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):  # --int8 without calibration data
         export_main(["--model", "lraspp", "--output", str(tmp_path / "a.onnx"), "--int8"])
     assert "--calib-root" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_benchmark_table_small(capsys):
+    """The benchmark runs (tiny sizes, one iteration) and prints one markdown table: LR-ASPP
+    in-process through the ONNX export path, SSDLite in a subprocess (its own peak memory)."""
+    from mnv3det.benchmark import main as benchmark_main
+
+    common = ["--batch-sizes", "2", "--iters", "1", "--warmup", "0"]
+    seg = ["--models", "lraspp", *common, "--seg-size", "64x96", "--in-process"]
+    assert benchmark_main([*seg, "--configs", "torchvision,onnx_fp32"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| LR-ASPP")]
+    assert [r.split("|")[2].strip() for r in rows] == ["torchvision eager", "ONNX fp32"]
+    assert "1.00x" in rows[0] and rows[1].split("|")[8].strip() == "in graph"
+
+    det = ["--models", "ssdlite", *common, "--det-size", "200x240", "--configs", "fused"]
+    assert benchmark_main(det) == 0
+    (row,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| SSD")]
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[2] == "ours fused" and cells[12] == "3.44M"  # torchvision's size
+    assert float(cells[11]) > 50  # peak RSS (MB) of the worker process
+    assert all(float(cells[i]) > 0 for i in (4, 6, 8, 9, 10))  # e2e, img/s, pre, net, post
+
+
+def test_benchmark_rejects_unknown_config():
+    from mnv3det.benchmark import main as benchmark_main
+
+    with pytest.raises(SystemExit):
+        benchmark_main(["--configs", "tensorrt"])
