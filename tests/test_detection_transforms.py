@@ -15,9 +15,9 @@ from mnv3det.data.detection_transforms import (
     ZoomOut,
     bbox_params,
     eval_transforms,
-    seed_worker_transforms,
     train_transforms,
 )
+from mnv3det.data.seeding import seed_worker_transforms
 
 # Each label paints its box in its own colour, so after a transform the colour at a box's
 # centre says which label the box must carry.

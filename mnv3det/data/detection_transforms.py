@@ -26,7 +26,7 @@ labels as extra columns of the box array, so a transform that drops a box drops 
 Call a pipeline as ``pipeline(image=uint8 HWC, bboxes=(N, 4), labels=(N,))``.
 
 Randomness: ``A.Compose`` keeps its own generator (global seeds do not reach it). Pipelines take a
-``seed``; in DataLoader workers use :func:`seed_worker_transforms` as ``worker_init_fn`` so each
+``seed``; in DataLoader workers use :func:`mnv3det.data.seeding.seed_worker_transforms` as ``worker_init_fn`` so each
 worker (and each epoch) gets its own stream derived from torch's seed.
 """
 
@@ -38,7 +38,6 @@ from typing import Any
 import albumentations as A
 import cv2
 import numpy as np
-import torch
 from albumentations.augmentations.crops import functional as fcrops
 from albumentations.augmentations.crops.transforms import BaseCrop
 from albumentations.augmentations.geometric import functional as fgeometric
@@ -53,7 +52,6 @@ __all__ = [
     "ZoomOut",
     "bbox_params",
     "eval_transforms",
-    "seed_worker_transforms",
     "train_transforms",
 ]
 
@@ -393,15 +391,3 @@ def eval_transforms(min_box_size: float = 1.0) -> A.Compose:
     """Evaluation pipeline: nothing changes the image (the model resizes internally and maps its
     boxes back to the original pixels); boxes are only clipped / filtered like in training."""
     return A.Compose([A.NoOp()], bbox_params=bbox_params(min_box_size))
-
-
-def seed_worker_transforms(worker_id: int) -> None:
-    """``worker_init_fn`` for DataLoaders over a data set whose ``.transforms`` is an
-    ``A.Compose``: reseed it from the worker's torch seed, which differs per worker and per epoch
-    and follows ``seed_everything`` (otherwise every worker would replay the same stream)."""
-    info = torch.utils.data.get_worker_info()
-    if info is None:
-        return
-    transforms = getattr(info.dataset, "transforms", None)
-    if hasattr(transforms, "set_random_seed"):
-        transforms.set_random_seed(int(info.seed % 2**32))

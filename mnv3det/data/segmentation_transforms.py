@@ -17,7 +17,6 @@ from collections.abc import Sequence
 
 import albumentations as A
 import cv2
-import torch
 
 from mnv3det.data.cityscapes_labels import IGNORE_INDEX
 
@@ -48,7 +47,7 @@ def train_transforms(
             0 disables photometric jitter.
         jitter_p: probability of applying the colour jitter.
         seed: albumentations random seed (``None``: reseeded per DataLoader worker by
-            :func:`seed_worker_transforms`).
+            :func:`mnv3det.data.seeding.seed_worker_transforms`).
 
     Returns:
         An ``A.Compose`` called as ``pipeline(image=..., mask=...)``.
@@ -120,27 +119,3 @@ def eval_transforms(resize: int | Sequence[int] | None = None) -> A.Compose:
             )
         )
     return A.Compose(steps)
-
-
-def seed_worker_transforms(worker_id: int) -> None:
-    """``DataLoader(worker_init_fn=...)``: give each worker its own augmentation stream.
-
-    An ``A.Compose`` keeps its own random generator; forked DataLoader workers would otherwise all
-    start from the same copy of it (identical augmentations in every worker, and again every
-    epoch when workers are re-created). Reseeding from torch's per-worker seed (which changes per
-    epoch and follows ``seed_everything``) fixes both.
-    """
-    info = torch.utils.data.get_worker_info()
-    if info is None:
-        return
-    dataset = info.dataset
-    # Unwrap Subset/ConcatDataset-style wrappers to reach the dataset that owns the transforms.
-    stack = [dataset]
-    while stack:
-        ds = stack.pop()
-        transforms = getattr(ds, "transforms", None)
-        if hasattr(transforms, "set_random_seed"):
-            transforms.set_random_seed(info.seed % 2**32)
-        if hasattr(ds, "dataset"):
-            stack.append(ds.dataset)
-        stack.extend(getattr(ds, "datasets", []))

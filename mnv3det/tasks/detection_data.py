@@ -30,11 +30,8 @@ from mnv3det.data.coco import (
     DetectionImageFolder,
     collate_detection,
 )
-from mnv3det.data.detection_transforms import (
-    eval_transforms,
-    seed_worker_transforms,
-    train_transforms,
-)
+from mnv3det.data.detection_transforms import eval_transforms, train_transforms
+from mnv3det.data.seeding import seed_worker_transforms
 
 __all__ = ["CocoDataModule", "DatasetStatsReporter"]
 

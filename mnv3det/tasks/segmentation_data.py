@@ -22,11 +22,8 @@ from mnv3det.data.cityscapes import (
     collate_segmentation,
 )
 from mnv3det.data.cityscapes_labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, PALETTE
-from mnv3det.data.segmentation_transforms import (
-    eval_transforms,
-    seed_worker_transforms,
-    train_transforms,
-)
+from mnv3det.data.seeding import seed_worker_transforms
+from mnv3det.data.segmentation_transforms import eval_transforms, train_transforms
 
 
 class CityscapesDataModule(L.LightningDataModule):
