@@ -106,7 +106,9 @@ class InvertedResidual(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.block(x)
-        return out + x if self.use_res_connect else out
+        if self.use_res_connect:
+            out += x  # in place, as torchvision: saves one allocation per residual block
+        return out
 
     def forward_with_expansion(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Run the block and also return the expansion-layer output (the SSDLite C4 tap).
@@ -118,7 +120,9 @@ class InvertedResidual(nn.Module):
         expanded = self.block[0](x) if self.has_expansion else x
         rest = self.block[1:] if self.has_expansion else self.block
         out = rest(expanded)
-        return (out + x if self.use_res_connect else out), expanded
+        if self.use_res_connect:
+            out += x
+        return out, expanded
 
 
 def conv_bn_act(

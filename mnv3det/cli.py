@@ -30,8 +30,12 @@ USAGE = """usage: mnv3det {fit,validate,test,predict,demo,info,export,benchmark}
 """
 
 
-def run_lightning_cli(args: list[str]) -> None:
-    """Run LightningCLI with the task/data classes named in the config."""
+def run_lightning_cli(args: list[str] | None) -> None:
+    """Run LightningCLI with the task/data classes named in the config.
+
+    Args:
+        args: the subcommand and its arguments; ``None`` reads ``sys.argv`` (console script).
+    """
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
@@ -58,13 +62,16 @@ def info_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mnv3det`` console script."""
+    from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
     if command in LIGHTNING_SUBCOMMANDS:
-        run_lightning_cli(argv)
+        # From the console LightningCLI reads sys.argv itself (passing it again as args makes
+        # it warn that both were given).
+        run_lightning_cli(None if from_console else argv)
         return 0
     if command == "info":
         return info_main(rest)
