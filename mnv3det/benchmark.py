@@ -467,6 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--in-process", action="store_true", help="no subprocess per config")
     parser.add_argument("--output", default=None, help="also write the table to this file")
     parser.add_argument("--json", default=None, help="also write the raw results as JSON")
+    parser.add_argument("--workdir", default=None, help="keep weights and ONNX files here")
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     configs = [c for c in args.configs.split(",") if c]
@@ -490,6 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seg_iters=args.seg_iters,
         calib_images=args.calib_images,
         subprocesses=not args.in_process,
+        workdir=args.workdir,
         log=lambda s: print(s, file=sys.stderr),
     )
     table = markdown_table(rows, args.threads)
