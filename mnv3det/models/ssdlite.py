@@ -20,7 +20,7 @@ Loading torchvision's ``ssdlite320_mobilenet_v3_large`` checkpoint
 ------------------------------------------------------------------
 ``ssdlite(weights=path_or_state_dict)`` maps torchvision's keys: its SSDLite backbone splits the
 C4 block (``backbone.features.0`` = layers up to and including the expansion conv of the first
-stride-32block; ``backbone.features.1`` = the rest of that block then the later layers),
+stride-32 block; ``backbone.features.1`` = the rest of that block then the later layers),
 ``backbone.extra.*`` are our ``extra.*`` and ``head.*`` is identical. Detections are then the
 same as torchvision's (tested to 1e-3 px).
 
