@@ -117,6 +117,8 @@ def _runner(spec: dict) -> tuple[Callable, list[tuple[str, Callable]]]:
         options.intra_op_num_threads = spec["threads"]
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if spec.get("passive"):
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(spec[config], options, providers=["CPUExecutionProvider"])
         if kind == "ssdlite":
             net_session = ort.InferenceSession(
@@ -337,6 +339,8 @@ def prepare(kind: str, workdir: Path, input_size: tuple[int, int], calib: int, c
 
 def _spawn(spec: dict) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    if spec.get("passive"):
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     proc = subprocess.run(
         [sys.executable, "-m", "mnv3det.benchmark", "--worker", json.dumps(spec)],
         capture_output=True,
@@ -365,6 +369,7 @@ def run_benchmark(
     seg_iters: int | None = None,
     calib_images: int = 20,
     subprocesses: bool = True,
+    passive: bool = False,
     workdir: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
@@ -391,6 +396,7 @@ def run_benchmark(
                         "iters": n_iter,
                         "warmup": warmup,
                         "stage_iters": max(3, n_iter // 2),
+                        "passive": passive,
                     }
                     row = _spawn(spec) if subprocesses else run_worker(spec)
                     row.update(
@@ -465,6 +471,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--det-size", type=_size, default=(320, 320), help="input image size")
     parser.add_argument("--calib-images", type=int, default=20, help="int8 calibration images")
     parser.add_argument("--in-process", action="store_true", help="no subprocess per config")
+    parser.add_argument(
+        "--passive",
+        action="store_true",
+        help="threads sleep instead of spinning while waiting (OMP_WAIT_POLICY=PASSIVE, ORT "
+        "allow_spinning=0): on a shared machine other processes then cannot inflate the "
+        "timings 10-40x through spin-waiting thread pools",
+    )
     parser.add_argument("--output", default=None, help="also write the table to this file")
     parser.add_argument("--json", default=None, help="also write the raw results as JSON")
     parser.add_argument("--workdir", default=None, help="keep weights and ONNX files here")
@@ -491,6 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seg_iters=args.seg_iters,
         calib_images=args.calib_images,
         subprocesses=not args.in_process,
+        passive=args.passive,
         workdir=args.workdir,
         log=lambda s: print(s, file=sys.stderr),
     )
