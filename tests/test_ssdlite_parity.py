@@ -92,7 +92,9 @@ def test_torchvision_ssdlite320_checkpoint_file_same_detections(tmp_path) -> Non
     # the published checkpoint is reduced-tail (torchvision's builder: reduce_tail when no
     # weights_backbone, and weights= clears weights_backbone): 3,440,060 parameters.
     assert sum(p.numel() for p in tv.parameters()) == 3_440_060
-    ours = mnv3det.ssdlite("large", num_classes=91, reduced_tail=True, weights=path).eval()
+    # DESIGN.md's call: reduced_tail is read from the checkpoint when not given.
+    ours = mnv3det.ssdlite("large", num_classes=91, size=320, weights=path).eval()
+    assert ours.backbone.reduced_tail
     assert ours.weights_report.format == "torchvision" and not ours.weights_report.unused
     images = _images([(320, 320), (240, 400), (500, 300), (97, 131)])
     with torch.no_grad():
@@ -153,3 +155,15 @@ def test_checkpoint_of_other_tail_is_a_clear_error(tmp_path) -> None:
         mnv3det.ssdlite("large", reduced_tail=False, weights=path)
     with pytest.raises(CheckpointMismatchError, match=r"head\.classification_head"):
         mnv3det.ssdlite("large", num_classes=21, reduced_tail=True, weights=path)
+
+
+def test_reduced_tail_is_read_from_the_checkpoint_when_not_given() -> None:
+    full = mnv3det.ssdlite("small", num_classes=3, size=128, reduced_tail=False)
+    reduced = mnv3det.ssdlite("small", num_classes=3, size=128, reduced_tail=True)
+    assert not mnv3det.ssdlite(
+        "small", num_classes=3, weights=full.state_dict()
+    ).backbone.reduced_tail
+    assert mnv3det.ssdlite(
+        "small", num_classes=3, weights=reduced.state_dict()
+    ).backbone.reduced_tail
+    assert not mnv3det.ssdlite("small", num_classes=3).backbone.reduced_tail  # no weights: full

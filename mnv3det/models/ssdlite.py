@@ -56,7 +56,7 @@ from heads.ssdlite import (
     multibox_loss,
     postprocess_detections,
 )
-from mnv3det.backbone import MobileNetV3Backbone, mobilenet_v3
+from mnv3det.backbone import MobileNetV3Backbone, block_configs, mobilenet_v3
 from mnv3det.weights import LoadReport, load_matching, read_state_dict
 
 __all__ = ["SSDLite", "ssdlite", "torchvision_ssdlite_to_mnv3det"]
@@ -371,6 +371,23 @@ def torchvision_ssdlite_to_mnv3det(state: Mapping[str, Tensor]) -> dict[str, Ten
     return out
 
 
+def checkpoint_has_reduced_tail(state: Mapping[str, Tensor], arch: str, width_mult: float) -> bool:
+    """Whether a detector checkpoint was trained with the reduced tail (RF2).
+
+    Looks among the tensor shapes for the reduced-tail projection of the first stride-32 block
+    and the reduced-tail last 1x1 conv (Large x1.0: ``(80, 672, 1, 1)`` and ``(480, 80, 1, 1)``;
+    a full tail has neither), so it works for torchvision's keys, ours and Lightning
+    checkpoints alike.
+    """
+    _, blocks, last_conv, _ = block_configs(arch, width_mult, reduced_tail=True)
+    first_tail = next(b for b in reversed(blocks) if b.stride == 2)
+    wanted = {
+        (first_tail.out_channels, first_tail.expanded, 1, 1),
+        (last_conv, blocks[-1].out_channels, 1, 1),
+    }
+    return wanted <= {tuple(v.shape) for v in state.values()}
+
+
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(size, int):
         return (size, size)
@@ -385,7 +402,7 @@ def ssdlite(
     num_classes: int = 91,
     size: int | tuple[int, int] = 320,
     width_mult: float = 1.0,
-    reduced_tail: bool = False,
+    reduced_tail: bool | None = None,
     weights: str | Path | Mapping[str, Tensor] | None = None,
     weights_backbone: str | Path | Mapping[str, Tensor] | None = None,
     score_thresh: float = 0.001,
@@ -407,9 +424,10 @@ def ssdlite(
         size: network input side (torchvision: 320); 512, 640 or ``(H, W)`` work too, the default
             boxes follow the feature-map sizes.
         width_mult: width multiplier of the backbone and the extra blocks.
-        reduced_tail: halve the last stage (paper's "†"/RF2). torchvision's published COCO
-            checkpoint is reduced-tail (see the module docstring); use ``False`` with an
-            ImageNet ``weights_backbone`` (torchvision's builder does the same).
+        reduced_tail: halve the last stage (paper's "†"/RF2). ``None`` (default): read it from
+            ``weights`` when given (torchvision's published COCO checkpoint is reduced-tail, see
+            the module docstring), else ``False``. Use ``False`` with an ImageNet
+            ``weights_backbone`` (torchvision's builder does the same).
         weights: whole-detector checkpoint: torchvision's ``ssdlite320_mobilenet_v3_large`` file
             or state_dict, one of ours, or a DetectionTask ``.ckpt``.
         weights_backbone: MobileNetV3 ImageNet checkpoint for the backbone (torchvision or timm;
@@ -427,6 +445,10 @@ def ssdlite(
     Returns:
         An :class:`SSDLite` module (train mode: losses; eval mode: detections).
     """
+    if reduced_tail is None:
+        reduced_tail = weights is not None and checkpoint_has_reduced_tail(
+            read_state_dict(weights)[0], arch, width_mult
+        )
     norm_layer = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
     backbone = mobilenet_v3(
         arch,
