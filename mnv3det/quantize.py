@@ -23,6 +23,7 @@ prediction layers in float (this recipe). See ``docs/deployment.md``.
 from __future__ import annotations
 
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -168,21 +169,45 @@ def quantize_onnx(
                 f"quantize_onnx: calibration must be one of {sorted(methods)}, got {calibration!r}"
             )
         extra = {"WeightSymmetric": True, "ActivationSymmetric": False}
-        if calibration == "percentile":
-            extra["CalibPercentile"] = percentile
-        reader = ImageCalibrationReader(images)
-        quantize_static(
-            str(source),
-            str(int8_path),
-            reader,
-            quant_format=QuantFormat.QDQ,
-            per_channel=per_channel,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=methods[calibration],
-            nodes_to_exclude=exclude,
-            extra_options=extra,
-        )
+        reusable = isinstance(images, list | tuple)  # a generator is read once, lazily
+
+        def run(method: str) -> ImageCalibrationReader:
+            options = dict(extra)
+            if method == "percentile":
+                options["CalibPercentile"] = percentile
+            reader = ImageCalibrationReader(images)
+            quantize_static(
+                str(source),
+                str(int8_path),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=methods[method],
+                nodes_to_exclude=exclude,
+                extra_options=options,
+            )
+            return reader
+
+        try:
+            reader = run(calibration)
+        except ValueError as err:
+            # onnxruntime's histogram calibrators fail on an activation that is constant over
+            # the whole calibration set ("Too many bins for data range"), e.g. a dead channel
+            # of an untrained model: fall back to MinMax, and say so.
+            if calibration == "minmax" or "bins" not in str(err):
+                raise
+            if not reusable:
+                raise ValueError(
+                    f"quantize_onnx: {calibration} calibration failed ({err}); pass the images "
+                    "as a list so they can be read again, or use calibration='minmax'"
+                ) from err
+            warnings.warn(
+                f"quantize_onnx: {calibration} calibration failed ({err}); using minmax",
+                stacklevel=2,
+            )
+            reader = run("minmax")
         if reader.count == 0:
             int8_path.unlink(missing_ok=True)
             raise ValueError("quantize_onnx: no calibration images were given")
