@@ -28,15 +28,7 @@ from pathlib import Path
 
 import torch
 
-
-def _randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=gen) * 0.5 + 0.5)
+from mnv3det.testing import randomize_bn_stats
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     tv = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=21)
-    _randomize_bn(tv)
+    randomize_bn_stats(tv)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "lraspp_mobilenet_v3_large.pth"
         torch.save(tv.state_dict(), path)

@@ -26,24 +26,7 @@ from pathlib import Path
 
 import torch
 
-
-def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
-    """Unit-gain random conv weights, random biases and BatchNorm statistics."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                m.weight.copy_(
-                    torch.randn(m.weight.shape, generator=gen) / m.weight[0].numel() ** 0.5
-                )
-                if m.bias is not None:
-                    m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
-            elif isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=gen) * 0.5 + 0.5)
-                m.weight.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
-                m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+from mnv3det.testing import randomize_weights
 
 
 def _quartiles(values: list[float]) -> tuple[float, float]:
@@ -75,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
         tv.load_state_dict(read_state_dict(args.weights)[0])
     else:
-        _randomize(tv)
+        randomize_weights(tv)
     tv.eval()
     ours = mnv3det.ssdlite(
         "large", num_classes=91, reduced_tail=True, weights=tv.state_dict()
