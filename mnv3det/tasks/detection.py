@@ -34,7 +34,7 @@ from torch import Tensor
 
 from mnv3det.metrics.coco import STAT_NAMES, CocoMetric
 from mnv3det.models.ssdlite import SSDLite, ssdlite
-from mnv3det.tasks.optim import make_ema, sgd_with_schedule
+from mnv3det.tasks.optim import make_ema, set_bn_momentum, sgd_with_schedule
 
 __all__ = ["DetectionTask"]
 
@@ -131,12 +131,7 @@ class DetectionTask(L.LightningModule):
             detections_per_img=detections_per_img,
             topk_candidates=topk_candidates,
         )
-        if bn_momentum is not None:
-            if not 0.0 < bn_momentum <= 1.0:
-                raise ValueError(f"DetectionTask: bn_momentum must be in (0, 1], got {bn_momentum}")
-            for module in self.model.modules():
-                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                    module.momentum = bn_momentum
+        set_bn_momentum(self.model, bn_momentum, "DetectionTask")
         self.ema = None
         if ema_decay is not None:
             self.ema = make_ema(self.model, ema_decay)

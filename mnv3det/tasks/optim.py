@@ -111,3 +111,20 @@ def make_ema(model: nn.Module, decay: float = 0.9998) -> torch.optim.swa_utils.A
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def set_bn_momentum(model: nn.Module, momentum: float | None, owner: str) -> None:
+    """Set the momentum of every BatchNorm in ``model`` (``None``: leave them as built).
+
+    Args:
+        model: the task's model.
+        momentum: BatchNorm running-statistics momentum, in (0, 1].
+        owner: name used in the error message (e.g. ``"DetectionTask"``).
+    """
+    if momentum is None:
+        return
+    if not 0.0 < momentum <= 1.0:
+        raise ValueError(f"{owner}: bn_momentum must be in (0, 1], got {momentum}")
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum

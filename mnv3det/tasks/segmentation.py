@@ -38,7 +38,7 @@ from mnv3det.metrics.segmentation import (
     metrics_from_confmat,
 )
 from mnv3det.models.lraspp import lraspp
-from mnv3det.tasks.optim import sgd_with_schedule
+from mnv3det.tasks.optim import set_bn_momentum, sgd_with_schedule
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -164,14 +164,7 @@ class SegmentationTask(L.LightningModule):
             weights_backbone=weights_backbone,
             low_tap=low_tap,
         )
-        if bn_momentum is not None:
-            if not 0.0 < bn_momentum <= 1.0:
-                raise ValueError(
-                    f"SegmentationTask: bn_momentum must be in (0, 1], got {bn_momentum}"
-                )
-            for module in self.model.modules():
-                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                    module.momentum = bn_momentum
+        set_bn_momentum(self.model, bn_momentum, "SegmentationTask")
         if class_names is None:
             class_names = (
                 CLASS_NAMES
