@@ -204,7 +204,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--reduced-tail",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="halve the last stage (default: False for SSDLite, True for LR-ASPP)",
+        help="halve the last stage (default: LR-ASPP True; SSDLite read from --weights, else False)",
     )
     parser.add_argument("--size", type=int, default=None, help="SSDLite input side (320)")
     parser.add_argument(
@@ -215,8 +215,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    if args.reduced_tail is None:
-        args.reduced_tail = args.model == "lraspp"
+    if args.reduced_tail is None and args.model == "lraspp":
+        args.reduced_tail = True  # SSDLite: None lets mnv3det.ssdlite read it from the weights
     return args
 
 
