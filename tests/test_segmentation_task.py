@@ -15,6 +15,7 @@ from conftest import randomize_bn_stats
 from PIL import Image
 from torch.utils.data import DataLoader
 
+import mnv3det
 from mnv3det.cli import main as cli_main
 from mnv3det.data.cityscapes import (
     CityscapesSegmentation,
@@ -100,6 +101,9 @@ def test_cli_fit_writes_checkpoints_and_predict_writes_label_id_pngs(scenes, tmp
     assert len(list(ckpt_dir.glob("best-step2-miou*.ckpt"))) == 1
     metrics = (tmp_path / "logs/lraspp_mnv3_small_cityscapes/version_0/metrics.csv").read_text()
     assert "val/miou" in metrics and "train/loss" in metrics and "lr-SGD" in metrics
+    # the checkpoint loads safely (weights_only) straight into the model
+    reloaded = mnv3det.lraspp("small", width_mult=0.5, weights=last)
+    assert reloaded.weights_report.loaded > 0
 
     predict_dir = scenes / "leftImg8bit" / "val"
     cli_main(

@@ -34,24 +34,10 @@ from torch import Tensor
 
 from mnv3det.metrics.coco import STAT_NAMES, CocoMetric
 from mnv3det.models.ssdlite import SSDLite, ssdlite
+from mnv3det.tasks.checkpoints import make_checkpoint_safe
 from mnv3det.tasks.optim import make_ema, set_bn_momentum, sgd_with_schedule
 
 __all__ = ["DetectionTask"]
-
-
-def _plain(value: Any) -> Any:
-    """Paths -> str and mapping subclasses -> dict, recursively (safe-unpicklable types only)."""
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return (
-            type(value)(_plain(v) for v in value)
-            if isinstance(value, list)
-            else tuple(_plain(v) for v in value)
-        )
-    return value
 
 
 Batch = tuple[Sequence[Tensor], Sequence[dict[str, Any]]]
@@ -269,9 +255,7 @@ class DetectionTask(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Keep the .ckpt loadable with torch.load(weights_only=True) (mnv3det.weights refuses
         # anything else): hyper-parameters may hold Paths (e.g. the data module's root).
-        for key in ("hyper_parameters", "datamodule_hyper_parameters"):
-            if key in checkpoint:
-                checkpoint[key] = _plain(checkpoint[key])
+        make_checkpoint_safe(checkpoint)
 
     @classmethod
     def weights_from_checkpoint(cls, path: str | Path) -> SSDLite:

@@ -38,6 +38,7 @@ from mnv3det.metrics.segmentation import (
     metrics_from_confmat,
 )
 from mnv3det.models.lraspp import lraspp
+from mnv3det.tasks.checkpoints import make_checkpoint_safe
 from mnv3det.tasks.optim import set_bn_momentum, sgd_with_schedule
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -213,6 +214,10 @@ class SegmentationTask(L.LightningModule):
             loss = logits.sum() * 0.0
         self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
         return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Keep the .ckpt loadable with weights_only=True (lraspp(weights=...), mnv3det export).
+        make_checkpoint_safe(checkpoint)
 
     def configure_optimizers(self) -> dict:
         total = int(self.trainer.estimated_stepping_batches)
