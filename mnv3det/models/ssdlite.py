@@ -304,7 +304,10 @@ class SSDLite(nn.Module):
         Raises:
             CheckpointMismatchError: the checkpoint is another variant (keys/shapes named).
         """
-        state, name = read_state_dict(source)
+        return self.load_state(*read_state_dict(source))
+
+    def load_state(self, state: Mapping[str, Tensor], name: str = "<state_dict>") -> LoadReport:
+        """:meth:`load_weights` for a state_dict already read (``name`` is used in messages)."""
         fmt = "mnv3det"
         # A DetectionTask checkpoint: its EMA weights when it has them (those are the evaluated
         # ones), else the trained weights.
@@ -445,10 +448,10 @@ def ssdlite(
     Returns:
         An :class:`SSDLite` module (train mode: losses; eval mode: detections).
     """
+    # The checkpoint is read once, here: for the tail inference and for loading.
+    state, name = read_state_dict(weights) if weights is not None else (None, "")
     if reduced_tail is None:
-        reduced_tail = weights is not None and checkpoint_has_reduced_tail(
-            read_state_dict(weights)[0], arch, width_mult
-        )
+        reduced_tail = state is not None and checkpoint_has_reduced_tail(state, arch, width_mult)
     norm_layer = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
     backbone = mobilenet_v3(
         arch,
@@ -474,6 +477,6 @@ def ssdlite(
         image_std=image_std,
         norm_layer=norm_layer,
     )
-    if weights is not None:
-        model.load_weights(weights)
+    if state is not None:
+        model.load_state(state, name)
     return model
