@@ -23,10 +23,8 @@ lists and feature maps and knows nothing of MobileNetV3 (``mnv3det.models.ssdlit
   every ground-truth box) and the multibox loss (smooth-L1 on positives + cross-entropy with 3:1
   hard negative mining, both divided by the number of positives) -- computed for the whole batch
   at once on padded targets instead of torchvision's per-image loop; same values.
-* :func:`postprocess_detections`: softmax, decode, clip, per-(image, class) score threshold and
-  top-k, **one** grouped NMS over every (image, class) of the batch (:func:`grouped_nms`), and
-  the per-image cap -- no Python loop over images or classes; same detections as torchvision's
-  ``SSD.postprocess_detections``.
+* :func:`postprocess_detections` (from :mod:`heads.ssdlite_postprocess`, re-exported here):
+  torchvision's ``SSD.postprocess_detections`` batched over images and classes.
 """
 
 from __future__ import annotations
@@ -41,6 +39,8 @@ from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops.misc import Conv2dNormActivation
 
+from heads.ssdlite_postprocess import postprocess_detections
+
 __all__ = [
     "BoxCoder",
     "DefaultBoxGenerator",
@@ -49,7 +49,6 @@ __all__ = [
     "SSDLiteScoringHead",
     "default_norm_layer",
     "extra_block",
-    "grouped_nms",
     "match_anchors",
     "multibox_loss",
     "postprocess_detections",
@@ -488,177 +487,3 @@ def multibox_loss(
         "bbox_regression": bbox_loss / denom,
         "classification": (cls_loss[fg_mask].sum() + cls_loss[background].sum()) / denom,
     }
-
-
-# ----------------------------------------------------------------------------- post-processing
-def grouped_nms(
-    boxes: Tensor, valid: Tensor, iou_threshold: float, chunk_elements: int = 2**26
-) -> Tensor:
-    """Greedy NMS in many independent groups at once (e.g. one group per image and class).
-
-    Hand-written because neither torchvision path fits SSD's many small groups on the CPU:
-    ``torchvision.ops.batched_nms`` loops in Python over the groups above 1000 boxes (0.14 s for
-    one image x 90 classes x 300 candidates, 8 s for 8 images on this 2-core machine), and one
-    ``nms`` call with its coordinate trick compares every box with every other, groups or not
-    (O(total^2): 2 s for one image, minutes for 8). Here each group's IoU matrix is computed at
-    once and the greedy pass walks the ranks (each step vectorised over all groups), so the work
-    is O(groups x K^2) with no loop over groups, images or classes. Groups are bucketed by their
-    number of boxes (powers of two) so that one long group does not pad every other group to
-    its length. The overlap test is the one of torchvision's ``nms`` kernel
-    (``inter / (area_i + area_j - inter) > iou_threshold``), so the kept boxes are the same.
-
-    Args:
-        boxes: ``(G, K, 4)`` xyxy, each row (group) sorted by decreasing score.
-        valid: ``(G, K)`` which entries are real boxes (padding is never kept and suppresses
-            nothing).
-        iou_threshold: a box is dropped when its IoU with a kept, higher-ranked box of its group
-            is above this.
-        chunk_elements: at most about this many (bool) overlap entries are held at once
-            (memory bound).
-
-    Returns:
-        ``(G, K)`` bool mask of the kept boxes.
-    """
-    g, k = valid.shape
-    keep = valid.clone()
-    if g == 0 or k == 0:
-        return keep
-    positions = torch.arange(1, k + 1, device=valid.device)
-    lengths = (valid * positions).amax(dim=1)  # 1 + index of the last real box of each group
-    low = 1  # groups of 0 or 1 boxes need no NMS
-    while low < k:  # ~log2(K) size buckets: a loop over sizes, not over groups
-        high = min(2 * low, k)
-        rows = ((lengths > low) & (lengths <= high)).nonzero().flatten()
-        step = max(1, chunk_elements // (high * high))
-        for start in range(0, rows.numel(), step):  # memory chunks, usually one
-            sel = rows[start : start + step]
-            keep[sel, :high] = _greedy_dense(boxes[sel, :high], keep[sel, :high], iou_threshold)
-        low = high
-    return keep
-
-
-def _suppression(boxes: Tensor, iou_threshold: float) -> Tensor:
-    """``(G, K, K)`` bool: IoU(box i, box j) > threshold within each group (torchvision's
-    ``nms`` kernel formula)."""
-    x1, y1, x2, y2 = (v.contiguous() for v in boxes.unbind(-1))
-    area = (x2 - x1) * (y2 - y1)
-    w = torch.minimum(x2[:, :, None], x2[:, None, :])
-    w = w.sub_(torch.maximum(x1[:, :, None], x1[:, None, :])).clamp_(min=0)
-    h = torch.minimum(y2[:, :, None], y2[:, None, :])
-    h = h.sub_(torch.maximum(y1[:, :, None], y1[:, None, :])).clamp_(min=0)
-    inter = w.mul_(h)
-    union = (area[:, :, None] + area[:, None, :]).sub_(inter)
-    return inter.div_(union) > iou_threshold  # 0/0 (two empty boxes) is NaN: no suppression
-
-
-def _greedy_dense(
-    boxes: Tensor, keep: Tensor, iou_threshold: float, cache_elements: int = 2**19
-) -> Tensor:
-    """Greedy NMS of ``(G, K, 4)`` score-sorted groups with a dense IoU test.
-
-    The float IoU work is done a few groups at a time (``cache_elements`` entries, ~2 MB), which
-    keeps it in the CPU cache: 5x faster than one pass over all groups, as measured for 90
-    groups x 300 boxes. Only the bool result is kept for all groups.
-    """
-    g, k = keep.shape
-    later = torch.ones(k, k, dtype=torch.bool, device=boxes.device).triu(diagonal=1)
-    # suppress_by[i] = (G, K): which boxes rank i suppresses (only lower ranks), contiguous so
-    # that each greedy step below runs on contiguous memory.
-    suppress_by = torch.empty((k, g, k), dtype=torch.bool, device=boxes.device)
-    step = max(1, cache_elements // (k * k))
-    for start in range(0, g, step):  # cache-sized blocks of groups
-        block = _suppression(boxes[start : start + step], iou_threshold) & later
-        suppress_by[:, start : start + step] = block.transpose(0, 1)
-    keep = keep.clone()
-    for i in range(k - 1):  # rank i's fate is final once the ranks above it are done
-        keep &= ~(suppress_by[i] & keep[:, i : i + 1])
-    return keep
-
-
-def postprocess_detections(
-    cls_logits: Tensor,
-    bbox_regression: Tensor,
-    anchors: Tensor,
-    image_size: tuple[int, int],
-    box_coder: BoxCoder,
-    score_thresh: float = 0.001,
-    nms_thresh: float = 0.55,
-    topk_candidates: int = 300,
-    detections_per_img: int = 300,
-    scale_factors: Tensor | None = None,
-) -> list[dict[str, Tensor]]:
-    """Turn head outputs into detections, batched over images and classes.
-
-    Per image and class: keep scores above ``score_thresh``, then the ``topk_candidates`` best;
-    NMS per (image, class) with ``nms_thresh``; keep the ``detections_per_img`` best of each
-    image. That is torchvision's ``SSD.postprocess_detections``, with its per-image, per-class
-    loops replaced by one top-k over a ``(N, classes, anchors)`` tensor and one grouped NMS over
-    all (image, class) groups (:func:`grouped_nms`).
-
-    Args:
-        cls_logits: ``(N, A, C)``.
-        bbox_regression: ``(N, A, 4)``.
-        anchors: ``(A, 4)`` xyxy in input pixels (the same for every image of the batch).
-        image_size: ``(H, W)`` of the network input; boxes are clipped to it.
-        box_coder: decodes offsets against anchors.
-        score_thresh: minimum class probability.
-        nms_thresh: IoU threshold of NMS.
-        topk_candidates: candidates per (image, class) before NMS.
-        detections_per_img: detections kept per image.
-        scale_factors: optional ``(N, 2)`` ``(sx, sy)`` multiplying the final boxes of each
-            image (to map them from the network input to the original image pixels).
-
-    Returns:
-        Per image ``{"boxes": (D, 4) xyxy, "scores": (D,), "labels": (D,) int64}``, sorted by
-        decreasing score.
-    """
-    n, a, _ = cls_logits.shape
-    scores = F.softmax(cls_logits, dim=-1)
-    boxes = box_coder.decode_single(bbox_regression.reshape(-1, 4), anchors.repeat(n, 1))
-    boxes = boxes.view(n, a, 4)
-    height, width = image_size
-    boxes = torch.stack(
-        (
-            boxes[..., 0].clamp(min=0, max=width),
-            boxes[..., 1].clamp(min=0, max=height),
-            boxes[..., 2].clamp(min=0, max=width),
-            boxes[..., 3].clamp(min=0, max=height),
-        ),
-        dim=-1,
-    )
-
-    # (N, C-1, A): foreground classes; scores at or below the threshold cannot be picked, and
-    # topk sorts each (image, class) row by decreasing score, so valid entries form a prefix.
-    fg = scores[..., 1:].transpose(1, 2)
-    k = min(topk_candidates, a)
-    top_scores, top_anchors = fg.masked_fill(fg <= score_thresh, -1.0).topk(k, dim=2)
-    valid = top_scores > score_thresh
-    k = int(valid.sum(-1).max()) if valid.numel() else 0  # drop columns no row uses
-    top_scores, top_anchors, valid = top_scores[..., :k], top_anchors[..., :k], valid[..., :k]
-    image_index = torch.arange(n, device=boxes.device)[:, None, None]
-    cand_boxes = boxes[image_index, top_anchors]  # (N, C-1, k, 4)
-    keep = grouped_nms(cand_boxes.flatten(0, 1), valid.flatten(0, 1), nms_thresh).view(valid.shape)
-
-    img, cls, rank = keep.nonzero(as_tuple=True)
-    kept_scores = top_scores[img, cls, rank]
-    # Order each image's detections by decreasing score (stable: ties keep class order).
-    order = kept_scores.sort(descending=True, stable=True)[1]
-    order = order[img[order].sort(stable=True)[1]]
-    img, cls, rank, kept_scores = img[order], cls[order], rank[order], kept_scores[order]
-    counts = torch.bincount(img, minlength=n)
-    starts = torch.cumsum(counts, 0) - counts
-    cap = (torch.arange(img.numel(), device=img.device) - starts[img]) < detections_per_img
-    img, cls, rank, kept_scores = img[cap], cls[cap], rank[cap], kept_scores[cap]
-    counts = counts.clamp(max=detections_per_img)
-
-    out_boxes = cand_boxes[img, cls, rank]
-    if scale_factors is not None:
-        s = scale_factors.to(out_boxes)[img]
-        out_boxes = out_boxes * torch.cat((s, s), dim=1)
-    sizes = counts.tolist()
-    return [
-        {"boxes": b, "scores": s, "labels": lab}
-        for b, s, lab in zip(
-            out_boxes.split(sizes), kept_scores.split(sizes), (cls + 1).split(sizes), strict=True
-        )
-    ]

@@ -10,11 +10,11 @@ wraps both models into modules whose whole pre- and post-processing is tensor co
   model's input size inside the graph) -> ``boxes (N, D, 4)`` xyxy in the input image's pixels,
   ``scores (N, D)``, ``labels (N, D)`` int64, ``num_detections (N,)``; ``D =
   detections_per_img``, rows past ``num_detections`` are padding (score 0, label 0, box 0).
-  The post-processing is torchvision's (softmax, decode, clip, per-class score threshold and
-  top-k, per-(image, class) NMS, best ``detections_per_img`` of each image) written densely:
-  NMS is the custom op :func:`nms_keep_mask` that returns a *mask* of the kept candidates (a
-  fixed shape), computed in PyTorch with one ``torchvision.ops.nms`` call and exported as ONNX
-  ``NonMaxSuppression`` with one "batch" per (image, class), which onnxruntime runs natively.
+  The post-processing is the eager model's own, :func:`heads.ssdlite_postprocess.dense_postprocess`
+  (torchvision's, on fixed-shape tensors); its NMS, the custom op
+  :func:`heads.nms.nms_keep_mask` (a *mask* of the kept candidates), is exported as ONNX
+  ``NonMaxSuppression`` with one "batch" per (image, class), which onnxruntime runs natively
+  (:func:`onnx_translation_table`).
 * :class:`SegmenterDeploy`: ``images (N, 3, H, W)`` in ``[0, 1]`` -> LR-ASPP logits; the
   ImageNet normalisation is part of the graph, so a deployed model takes raw pixels / 255.
 
@@ -24,11 +24,12 @@ PyTorch models and against onnxruntime.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from heads.nms import nms_keep_mask
+from heads.ssdlite_postprocess import dense_postprocess, dense_to_list
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -43,70 +44,9 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-#: torchvision's ``BoxCoder`` clamp of dw/dh before ``exp`` (``log(1000 / 16)``).
-_BBOX_XFORM_CLIP = math.log(1000.0 / 16)
-#: Above this many candidates the eager NMS runs one torchvision NMS per row (see nms_keep_mask).
-SINGLE_PASS_MAX_BOXES = 4000
 
 
 # ----------------------------------------------------------------------------- NMS op
-@torch.library.custom_op("mnv3det::nms_keep_mask", mutates_args=())
-def nms_keep_mask(
-    boxes: Tensor, scores: Tensor, iou_threshold: float, score_threshold: float
-) -> Tensor:
-    """NMS inside each row of a batch of candidate groups, as a keep-mask.
-
-    Args:
-        boxes: ``(B, K, 4)`` xyxy; each of the ``B`` rows is one group (one image and class).
-        scores: ``(B, K)``.
-        iou_threshold: a box is dropped when its IoU with a higher-scoring kept box of the
-            same row is above this.
-        score_threshold: boxes with ``score <= score_threshold`` are never kept.
-
-    Returns:
-        ``(B, K)`` bool, True for kept boxes. Fixed shape, so the op exports (see
-        :func:`onnx_translation_table`).
-    """
-    b, k = scores.shape
-    flat_scores = scores.reshape(-1)
-    candidates = (flat_scores > score_threshold).nonzero().squeeze(1)
-    keep = torch.zeros(b * k, dtype=torch.bool, device=scores.device)
-    if candidates.numel() == 0:
-        return keep.view(b, k)
-    from torchvision.ops import nms
-
-    groups = torch.div(candidates, k, rounding_mode="floor")
-    if candidates.numel() <= SINGLE_PASS_MAX_BOXES:
-        # Few candidates: one NMS for every group. Shift each row's boxes so that rows cannot
-        # overlap (float64, as heads.ssdlite.batched_nms_single_pass).
-        cand_boxes = boxes.reshape(-1, 4)[candidates].to(torch.float64)
-        low = cand_boxes.min()
-        span = cand_boxes.max() - low + 1.0
-        shifted = cand_boxes - low + (groups.to(torch.float64) * span)[:, None]
-        kept = nms(shifted, flat_scores[candidates].to(torch.float64), iou_threshold)
-        keep[candidates[kept]] = True
-        return keep.view(b, k)
-    # Many candidates (e.g. an untrained model: every class passes the 0.001 threshold, 90 x
-    # 300 boxes): torchvision's NMS kernel compares every kept box with *all* later boxes, so
-    # one call on N shifted boxes costs O(N^2) (2.6 s for 27,000 boxes here) while one call
-    # per non-empty row costs O(sum K_row^2) (~30 ms). torchvision.ops.batched_nms makes the
-    # same switch on the CPU. The loop runs over rows inside this op, in C++ calls.
-    rows = torch.unique_consecutive(groups).tolist()
-    box_rows, score_rows, valid = boxes, scores, scores > score_threshold
-    for row in rows:
-        idx = valid[row].nonzero().squeeze(1)
-        kept = nms(box_rows[row, idx], score_rows[row, idx], iou_threshold)
-        keep[row * k + idx[kept]] = True
-    return keep.view(b, k)
-
-
-@nms_keep_mask.register_fake
-def _nms_keep_mask_fake(
-    boxes: Tensor, scores: Tensor, iou_threshold: float, score_threshold: float
-) -> Tensor:
-    return torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
-
-
 def _nms_keep_mask_onnx(boxes, scores, iou_threshold: float, score_threshold: float):
     """ONNX translation of :func:`nms_keep_mask` (onnxscript, opset 18).
 
@@ -167,8 +107,7 @@ class SSDLiteDeploy(nn.Module):
         self.topk_candidates = int(topk_candidates or model.topk_candidates)
         self.detections_per_img = int(detections_per_img or model.detections_per_img)
         self.num_classes = int(model.num_classes)
-        weights = tuple(float(w) for w in model.box_coder.weights)
-        self.register_buffer("coder_weights", torch.tensor(weights), persistent=False)
+        self.coder_weights = tuple(float(w) for w in model.box_coder.weights)
         mean = model.image_mean.detach().clone().view(1, 3, 1, 1)
         std = model.image_std.detach().clone().view(1, 3, 1, 1)
         self.register_buffer("mean", mean, persistent=False)
@@ -182,35 +121,14 @@ class SSDLiteDeploy(nn.Module):
         """Normalise, resize to the model size and run the layers: ``(cls_logits, bbox_regression)``."""
         x = (images - self.mean) / self.std
         # Always resize (an identity at the model size): no shape-dependent branch in the graph.
-        x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        return self.layers(F.interpolate(x, size=self.size, mode="bilinear", align_corners=False))
+
+    def layers(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Backbone, extra blocks and heads on a normalised batch at the model size."""
         m = self.model
         c4, c5 = m.backbone(x).values()
         out = m.head([c4, c5, *m.extra(c5)])
         return out["cls_logits"], out["bbox_regression"]
-
-    def decode(self, rel_codes: Tensor) -> Tensor:
-        """torchvision ``BoxCoder.decode_single`` broadcast over the batch: ``(N, A, 4)`` xyxy."""
-        a = self.anchors
-        widths, heights = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
-        ctr_x, ctr_y = a[:, 0] + 0.5 * widths, a[:, 1] + 0.5 * heights
-        wx, wy, ww, wh = self.coder_weights.unbind()
-        dx, dy = rel_codes[..., 0] / wx, rel_codes[..., 1] / wy
-        dw = (rel_codes[..., 2] / ww).clamp(max=_BBOX_XFORM_CLIP)
-        dh = (rel_codes[..., 3] / wh).clamp(max=_BBOX_XFORM_CLIP)
-        pred_ctr_x, pred_ctr_y = dx * widths + ctr_x, dy * heights + ctr_y
-        # torchvision: c_to_c_h = 0.5 * exp(dh) * h, same association of the products.
-        half_w = torch.tensor(0.5, dtype=widths.dtype) * torch.exp(dw) * widths
-        half_h = torch.tensor(0.5, dtype=heights.dtype) * torch.exp(dh) * heights
-        h, w = self.size
-        return torch.stack(
-            (
-                (pred_ctr_x - half_w).clamp(min=0, max=w),
-                (pred_ctr_y - half_h).clamp(min=0, max=h),
-                (pred_ctr_x + half_w).clamp(min=0, max=w),
-                (pred_ctr_y + half_h).clamp(min=0, max=h),
-            ),
-            dim=-1,
-        )
 
     def postprocess(
         self, cls_logits: Tensor, bbox_regression: Tensor, scale: Tensor
@@ -222,32 +140,17 @@ class SSDLiteDeploy(nn.Module):
             bbox_regression: ``(N, A, 4)``.
             scale: ``(4,)`` or ``(N, 1, 4)`` factors from network-input to image pixels.
         """
-        n, a, c = cls_logits.shape
-        boxes = self.decode(bbox_regression)  # (N, A, 4), network-input pixels
-        fg = F.softmax(cls_logits, dim=-1)[..., 1:].transpose(1, 2)  # (N, C-1, A)
-        k = min(self.topk_candidates, a)
-        top_scores, top_anchor = fg.masked_fill(fg <= self.score_thresh, -1.0).topk(k, dim=2)
-        offsets = (torch.arange(n, device=boxes.device) * a).view(n, 1, 1)
-        cand_boxes = boxes.reshape(-1, 4)[(top_anchor + offsets).reshape(-1)]  # (N*(C-1)*K, 4)
-        keep = nms_keep_mask(
-            cand_boxes.view(-1, k, 4),
-            top_scores.reshape(-1, k),
-            self.nms_thresh,
-            self.score_thresh,
-        )
-        kept_scores = torch.where(keep.view(n, -1), top_scores.view(n, -1), -1.0)
-        d = min(self.detections_per_img, (c - 1) * k)
-        scores, index = kept_scores.topk(d, dim=1)
-        valid = scores > self.score_thresh
-        labels = torch.div(index, k, rounding_mode="floor") + 1
-        out_boxes = cand_boxes.view(n, -1, 4).gather(1, index.unsqueeze(-1).expand(n, d, 4))
-        out_boxes = out_boxes * scale
-        zero = torch.zeros((), dtype=out_boxes.dtype)
-        return (
-            torch.where(valid.unsqueeze(-1), out_boxes, zero),
-            torch.where(valid, scores, zero),
-            torch.where(valid, labels, torch.zeros((), dtype=labels.dtype)),
-            valid.sum(dim=1),
+        return dense_postprocess(
+            cls_logits,
+            bbox_regression,
+            self.anchors,
+            self.size,
+            self.coder_weights,
+            score_thresh=self.score_thresh,
+            nms_thresh=self.nms_thresh,
+            topk_candidates=self.topk_candidates,
+            detections_per_img=self.detections_per_img,
+            scale=scale,
         )
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -325,10 +228,7 @@ class FastSSDLite(nn.Module):
 
     def network(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Backbone, extra blocks and heads on a pre-processed batch."""
-        m = self.deploy.model
-        c4, c5 = m.backbone(x).values()
-        out = m.head([c4, c5, *m.extra(c5)])
-        return out["cls_logits"], out["bbox_regression"]
+        return self.deploy.layers(x)
 
     def postprocess(
         self, cls_logits: Tensor, bbox_regression: Tensor, scale: Tensor
@@ -341,18 +241,6 @@ class FastSSDLite(nn.Module):
         """Detections for ``(N, 3, H, W)`` or a list of ``(3, H, W)`` images in ``[0, 1]``."""
         x, scale = self.preprocess(images)
         return self.postprocess(*self.network(x), scale)
-
-
-def dense_to_list(
-    boxes: Tensor, scores: Tensor, labels: Tensor, num_detections: Tensor
-) -> list[dict[str, Tensor]]:
-    """Per-image ``{"boxes", "scores", "labels"}`` dicts (torchvision's format) from dense outputs."""
-    boxes, scores = torch.as_tensor(boxes), torch.as_tensor(scores)
-    labels, num_detections = torch.as_tensor(labels), torch.as_tensor(num_detections)
-    return [
-        {"boxes": boxes[i, :n], "scores": scores[i, :n], "labels": labels[i, :n]}
-        for i, n in enumerate(num_detections.tolist())
-    ]
 
 
 # ----------------------------------------------------------------------------- LR-ASPP

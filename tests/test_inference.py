@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import randomize_bn_stats
-from torchvision.ops import nms
 
 import mnv3det
 from mnv3det import deploy
-from mnv3det.deploy import FastSSDLite, SegmenterDeploy, SSDLiteDeploy, nms_keep_mask
+from mnv3det.deploy import FastSSDLite, SegmenterDeploy, SSDLiteDeploy
 from mnv3det.inference import count_batch_norms, optimize_for_inference
 
 
@@ -52,35 +51,6 @@ def assert_same_detections(a: dict, b: dict, box_tol: float = 1e-3, score_tol: f
             f"detection {row} (label {int(la[row])}, score {float(sa[row]):.6f}) unmatched"
         )
         used[free[0, 0]] = True
-
-
-# ----------------------------------------------------------------------------- NMS op
-def reference_nms_mask(boxes, scores, iou, thresh):
-    keep = torch.zeros(scores.shape, dtype=torch.bool)
-    for row in range(scores.shape[0]):
-        idx = (scores[row] > thresh).nonzero().squeeze(1)
-        keep[row, idx[nms(boxes[row, idx], scores[row, idx], iou)]] = True
-    return keep
-
-
-@pytest.mark.parametrize("single_pass_max", [10**9, 0])
-def test_nms_keep_mask_equals_per_group_nms(monkeypatch, single_pass_max):
-    monkeypatch.setattr(deploy, "SINGLE_PASS_MAX_BOXES", single_pass_max)
-    gen = torch.Generator().manual_seed(0)
-    xy = torch.rand(6, 50, 2, generator=gen) * 100
-    boxes = torch.cat([xy, xy + torch.rand(6, 50, 2, generator=gen) * 40 + 1], dim=-1)
-    scores = torch.rand(6, 50, generator=gen)
-    scores[2] = -1.0  # an empty group
-    keep = nms_keep_mask(boxes, scores, 0.5, 0.3)
-    expected = reference_nms_mask(boxes, scores, 0.5, 0.3)
-    assert keep.dtype == torch.bool and keep.shape == (6, 50)
-    assert torch.equal(keep, expected)
-    assert 0 < int(keep.sum()) < int((scores > 0.3).sum())  # something was suppressed
-
-
-def test_nms_keep_mask_no_candidates():
-    keep = nms_keep_mask(torch.zeros(3, 4, 4), torch.full((3, 4), -1.0), 0.5, 0.0)
-    assert not keep.any()
 
 
 # ----------------------------------------------------------------------------- LR-ASPP

@@ -7,14 +7,13 @@ import torch
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator as TVDefaultBoxGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.ssd import SSD
-from torchvision.ops import batched_nms, box_iou
+from torchvision.ops import box_iou
 
 from heads.ssdlite import (
     BoxCoder,
     DefaultBoxGenerator,
     SSDLiteExtras,
     SSDLiteHead,
-    grouped_nms,
     match_anchors,
     multibox_loss,
     postprocess_detections,
@@ -133,29 +132,6 @@ def test_loss_all_empty_targets_is_background_only() -> None:
     )
     assert losses["bbox_regression"] == 0 and losses["classification"] == 0  # 0 negatives mined
     losses["classification"].backward()
-
-
-@pytest.mark.parametrize("threshold", [0.3, 0.55])
-def test_grouped_nms_equals_torchvision_batched_nms(threshold: float) -> None:
-    gen = torch.Generator().manual_seed(0)
-    g, k = 40, 60
-    xy = torch.rand(g, k, 2, generator=gen) * 200
-    wh = torch.rand(g, k, 2, generator=gen) * 80 + 1
-    boxes = torch.cat([xy, xy + wh], -1)
-    boxes[0, 3] = boxes[0, 3, :2].repeat(2)  # a zero-area box
-    scores = torch.rand(g, k, generator=gen)
-    lengths = torch.randint(0, k + 1, (g,), generator=gen)  # groups of every size, some empty
-    lengths[1] = k
-    valid = torch.arange(k) < lengths[:, None]
-    order = scores.masked_fill(~valid, -1).argsort(1, descending=True)
-    scores = scores.gather(1, order)
-    boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
-    keep = grouped_nms(boxes, valid, threshold, chunk_elements=5000)  # force several chunks
-    flat = valid.flatten().nonzero().flatten()
-    groups = torch.arange(g).repeat_interleave(k)[flat]
-    tv_keep = batched_nms(boxes.reshape(-1, 4)[flat], scores.flatten()[flat], groups, threshold)
-    assert set(flat[tv_keep].tolist()) == set(keep.flatten().nonzero().flatten().tolist())
-    assert not keep[~valid].any()
 
 
 def test_postprocess_equals_torchvision() -> None:

@@ -1,0 +1,198 @@
+"""SSD post-processing, dense and batched (SSD, Liu et al. 2016, §3.1 "inference";
+MobileNetV3 paper §6.3 uses it unchanged).
+
+torchvision's ``SSD.postprocess_detections`` loops over images and, inside, over classes. Here
+the whole batch is one computation on fixed-shape tensors: softmax, box decoding and clipping,
+the per-(image, class) score threshold and top-k as **one** ``topk`` on an ``(N, classes,
+anchors)`` tensor, NMS for every (image, class) group at once (:func:`heads.nms.nms_keep_mask`,
+a keep mask), and each image's best ``detections_per_img`` as one ``topk``. The same function
+serves the eager model, the fast inference path and the ONNX graph (it traces: no
+data-dependent shapes), so there is one implementation to keep equal to torchvision's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.models.detection._utils import BoxCoder
+
+from heads.nms import nms_keep_mask
+
+__all__ = ["decode_boxes", "dense_postprocess", "dense_to_list", "postprocess_detections"]
+
+#: torchvision's ``BoxCoder`` clamp of dw/dh before ``exp`` (``log(1000 / 16)``).
+BBOX_XFORM_CLIP = math.log(1000.0 / 16)
+
+
+def decode_boxes(
+    rel_codes: Tensor,
+    anchors: Tensor,
+    weights: Sequence[float],
+    image_size: tuple[int, int],
+) -> Tensor:
+    """Decode box offsets against anchors and clip to the image, broadcast over the batch.
+
+    The arithmetic is torchvision's ``BoxCoder.decode_single`` followed by
+    ``clip_boxes_to_image`` (same operations and association), without repeating the anchors
+    for every image.
+
+    Args:
+        rel_codes: ``(N, A, 4)`` encoded offsets ``(dx, dy, dw, dh)``.
+        anchors: ``(A, 4)`` xyxy.
+        weights: the coder's ``(wx, wy, ww, wh)`` (SSD: 10, 10, 5, 5).
+        image_size: ``(H, W)`` to clip to.
+
+    Returns:
+        ``(N, A, 4)`` xyxy boxes.
+    """
+    anchors = anchors.to(rel_codes.dtype)
+    widths, heights = anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]
+    ctr_x, ctr_y = anchors[:, 0] + 0.5 * widths, anchors[:, 1] + 0.5 * heights
+    wx, wy, ww, wh = (float(w) for w in weights)
+    dx, dy = rel_codes[..., 0] / wx, rel_codes[..., 1] / wy
+    dw = (rel_codes[..., 2] / ww).clamp(max=BBOX_XFORM_CLIP)
+    dh = (rel_codes[..., 3] / wh).clamp(max=BBOX_XFORM_CLIP)
+    pred_ctr_x, pred_ctr_y = dx * widths + ctr_x, dy * heights + ctr_y
+    half_w = 0.5 * (torch.exp(dw) * widths)
+    half_h = 0.5 * (torch.exp(dh) * heights)
+    h, w = image_size
+    return torch.stack(
+        (
+            (pred_ctr_x - half_w).clamp(min=0, max=w),
+            (pred_ctr_y - half_h).clamp(min=0, max=h),
+            (pred_ctr_x + half_w).clamp(min=0, max=w),
+            (pred_ctr_y + half_h).clamp(min=0, max=h),
+        ),
+        dim=-1,
+    )
+
+
+def dense_postprocess(
+    cls_logits: Tensor,
+    bbox_regression: Tensor,
+    anchors: Tensor,
+    image_size: tuple[int, int],
+    box_coder_weights: Sequence[float],
+    score_thresh: float = 0.001,
+    nms_thresh: float = 0.55,
+    topk_candidates: int = 300,
+    detections_per_img: int = 300,
+    scale: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """torchvision's SSD post-processing on fixed-shape tensors (exportable).
+
+    Per image and class: scores above ``score_thresh``, then the ``topk_candidates`` best; NMS
+    per (image, class) with ``nms_thresh``; the ``detections_per_img`` best of each image.
+
+    Args:
+        cls_logits: ``(N, A, C)`` (class 0 = background).
+        bbox_regression: ``(N, A, 4)``.
+        anchors: ``(A, 4)`` xyxy in network-input pixels (the same for every image).
+        image_size: ``(H, W)`` of the network input; boxes are clipped to it.
+        box_coder_weights: ``(wx, wy, ww, wh)`` of the box coder.
+        score_thresh: minimum class probability.
+        nms_thresh: IoU threshold of NMS.
+        topk_candidates: candidates per (image, class) before NMS.
+        detections_per_img: output rows ``D`` per image (fewer when there are fewer candidates).
+        scale: optional factors broadcastable to ``(N, D, 4)`` (e.g. ``(N, 1, 4)`` or ``(4,)``)
+            that map boxes from the network input to the original image pixels.
+
+    Returns:
+        ``(boxes (N, D, 4), scores (N, D), labels (N, D) int64, num_detections (N,))``: each
+        image's rows sorted by decreasing score; rows past ``num_detections`` are zeros.
+    """
+    n, a, c = cls_logits.shape
+    boxes = decode_boxes(bbox_regression, anchors, box_coder_weights, image_size)
+    # (N, C-1, A): foreground classes; scores at or below the threshold cannot be picked, and
+    # topk sorts each (image, class) row, so a row's valid candidates come first.
+    fg = F.softmax(cls_logits, dim=-1)[..., 1:].transpose(1, 2)
+    k = min(topk_candidates, a)
+    top_scores, top_anchor = fg.masked_fill(fg <= score_thresh, -1.0).topk(k, dim=2)
+    offsets = (torch.arange(n, device=boxes.device) * a).view(n, 1, 1)
+    cand_boxes = boxes.reshape(-1, 4)[(top_anchor + offsets).reshape(-1)]  # (N*(C-1)*K, 4)
+    keep = nms_keep_mask(
+        cand_boxes.view(-1, k, 4), top_scores.reshape(-1, k), nms_thresh, score_thresh
+    )
+    kept_scores = torch.where(keep.view(n, -1), top_scores.view(n, -1), -1.0)
+    d = min(detections_per_img, (c - 1) * k)
+    scores, index = kept_scores.topk(d, dim=1)
+    valid = scores > score_thresh
+    labels = torch.div(index, k, rounding_mode="floor") + 1
+    out_boxes = cand_boxes.view(n, -1, 4).gather(1, index.unsqueeze(-1).expand(n, d, 4))
+    if scale is not None:
+        out_boxes = out_boxes * scale
+    return (
+        torch.where(valid.unsqueeze(-1), out_boxes, 0.0),
+        torch.where(valid, scores, 0.0),
+        torch.where(valid, labels, 0),
+        valid.sum(dim=1),
+    )
+
+
+def dense_to_list(
+    boxes: Tensor, scores: Tensor, labels: Tensor, num_detections: Tensor
+) -> list[dict[str, Tensor]]:
+    """Per-image ``{"boxes", "scores", "labels"}`` dicts (torchvision's format) from the dense
+    outputs of :func:`dense_postprocess` (or an ONNX session's numpy arrays)."""
+    boxes, scores = torch.as_tensor(boxes), torch.as_tensor(scores)
+    labels, num_detections = torch.as_tensor(labels), torch.as_tensor(num_detections)
+    return [
+        {"boxes": boxes[i, :n], "scores": scores[i, :n], "labels": labels[i, :n]}
+        for i, n in enumerate(num_detections.tolist())
+    ]
+
+
+def postprocess_detections(
+    cls_logits: Tensor,
+    bbox_regression: Tensor,
+    anchors: Tensor,
+    image_size: tuple[int, int],
+    box_coder: BoxCoder,
+    score_thresh: float = 0.001,
+    nms_thresh: float = 0.55,
+    topk_candidates: int = 300,
+    detections_per_img: int = 300,
+    scale_factors: Tensor | None = None,
+) -> list[dict[str, Tensor]]:
+    """Detections per image, as torchvision's ``SSD.postprocess_detections`` returns them.
+
+    :func:`dense_postprocess` (batched over images and classes) split into per-image dicts.
+
+    Args:
+        cls_logits: ``(N, A, C)``.
+        bbox_regression: ``(N, A, 4)``.
+        anchors: ``(A, 4)`` xyxy in input pixels (the same for every image of the batch).
+        image_size: ``(H, W)`` of the network input; boxes are clipped to it.
+        box_coder: its ``weights`` decode the offsets.
+        score_thresh: minimum class probability.
+        nms_thresh: IoU threshold of NMS.
+        topk_candidates: candidates per (image, class) before NMS.
+        detections_per_img: detections kept per image.
+        scale_factors: optional ``(N, 2)`` ``(sx, sy)`` multiplying the final boxes of each
+            image (to map them from the network input to the original image pixels).
+
+    Returns:
+        Per image ``{"boxes": (D, 4) xyxy, "scores": (D,), "labels": (D,) int64}``, sorted by
+        decreasing score.
+    """
+    scale = None
+    if scale_factors is not None:
+        scale = scale_factors.to(bbox_regression).repeat(1, 2).unsqueeze(1)  # (N, 1, 4)
+    return dense_to_list(
+        *dense_postprocess(
+            cls_logits,
+            bbox_regression,
+            anchors,
+            image_size,
+            box_coder.weights,
+            score_thresh=score_thresh,
+            nms_thresh=nms_thresh,
+            topk_candidates=topk_candidates,
+            detections_per_img=detections_per_img,
+            scale=scale,
+        )
+    )
