@@ -24,6 +24,7 @@ post-processing: every class passes the 0.001 score threshold, so NMS sees 90 x 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -258,15 +259,39 @@ def run_worker(spec: dict) -> dict:
         for name, fn in stages(images):
             t = _time(fn, spec["stage_iters"], 1)
             stage_ms[name] = 1000 * statistics.median(t) / spec["batch"]
-    per_image = np.array(times) * 1000 / spec["batch"]
+    per_image = [1000 * t / spec["batch"] for t in times]
     return {
         **{k: spec[k] for k in ("model", "config", "batch")},
-        "median_ms": float(np.median(per_image)),
-        "p25_ms": float(np.percentile(per_image, 25)),
-        "p75_ms": float(np.percentile(per_image, 75)),
-        "images_per_s": float(1000 / np.median(per_image)),
+        **summarise(per_image),
         "stages_ms": stage_ms,
         "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def summarise(per_image_ms: Sequence[float]) -> dict:
+    """Median, interquartile range and images/s of per-image times (kept for pooling)."""
+    t = np.asarray(per_image_ms, dtype=float)
+    return {
+        "median_ms": float(np.median(t)),
+        "p25_ms": float(np.percentile(t, 25)),
+        "p75_ms": float(np.percentile(t, 75)),
+        "images_per_s": float(1000 / np.median(t)),
+        "per_image_ms": t.tolist(),
+    }
+
+
+def merge_rounds(rows: Sequence[dict]) -> dict:
+    """One row from the rounds of one (model, config, batch): timings pooled, stage times the
+    median over rounds, peak memory the largest."""
+    stages = {
+        name: statistics.median(r["stages_ms"][name] for r in rows) for name in rows[0]["stages_ms"]
+    }
+    return {
+        **rows[0],
+        **summarise([t for r in rows for t in r["per_image_ms"]]),
+        "stages_ms": stages,
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
+        "rounds": len(rows),
     }
 
 
@@ -372,8 +397,16 @@ def run_benchmark(
     passive: bool = False,
     workdir: str | Path | None = None,
     log: Callable[[str], None] = print,
+    rounds: int = 1,
 ) -> list[dict]:
-    """Time every (model, config, batch) and return the result rows (see module docstring)."""
+    """Time every (model, config, batch) and return the result rows (see module docstring).
+
+    With ``rounds > 1`` the configurations of a batch size are timed in turn, ``rounds`` times
+    over, and each row pools its rounds (:func:`merge_rounds`): a slow spell of a shared
+    machine then hits every configuration alike instead of one.
+    """
+    if rounds < 1:
+        raise BenchmarkError(f"rounds must be >= 1, got {rounds}")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(workdir or tmp)
@@ -385,7 +418,8 @@ def run_benchmark(
             info = prepare(kind, work, size, calib_images, configs)
             n_iter = iters if kind == "ssdlite" or seg_iters is None else seg_iters
             for batch in batch_sizes:
-                for config in configs:
+                timed: dict[str, list[dict]] = {config: [] for config in configs}
+                for _round, config in itertools.product(range(rounds), configs):
                     spec = {
                         **info,
                         "model": kind,
@@ -405,10 +439,11 @@ def run_benchmark(
                         input_size=tuple(size),
                     )
                     log(
-                        f"[benchmark] {kind} {config} b{batch}: {row['median_ms']:.1f} ms/img "
-                        f"{row['stages_ms']}"
+                        f"[benchmark] {kind} {config} b{batch} round {_round + 1}/{rounds}: "
+                        f"{row['median_ms']:.1f} ms/img {row['stages_ms']}"
                     )
-                    results.append(row)
+                    timed[config].append(row)
+                results.extend(merge_rounds(timed[config]) for config in configs)
     return results
 
 
@@ -441,6 +476,11 @@ def markdown_table(rows: list[dict], threads: int) -> str:
         f"{threads} threads (torch.set_num_threads / ORT intra_op_num_threads), {cpu}, "
         f"torch {torch.__version__}. End to end = float images in [0, 1] -> detections / label "
         "map. * = end-to-end minus the network-only ONNX graph (which includes pre-processing)."
+        + (
+            f" Timings pooled over {rows[0]['rounds']} interleaved rounds."
+            if rows and rows[0].get("rounds", 1) > 1
+            else ""
+        )
     )
     return "\n".join(lines)
 
@@ -466,6 +506,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=20, help="timed iterations per config")
     parser.add_argument("--seg-iters", type=int, default=None, help="iterations for LR-ASPP")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="time the configurations in turn this many times and pool them (drift on a "
+        "shared machine then hits every configuration alike)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seg-size", type=_size, default=(1024, 2048))
     parser.add_argument("--det-size", type=_size, default=(320, 320), help="input image size")
@@ -491,6 +538,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bad = [v for v in values if v not in allowed]
         if bad or not values:
             parser.error(f"{name}: unknown {bad or values}; choose from {', '.join(allowed)}")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     batches = [int(b) for b in args.batch_sizes.split(",") if b]
     rows = run_benchmark(
         models,
@@ -507,6 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         passive=args.passive,
         workdir=args.workdir,
         log=lambda s: print(s, file=sys.stderr),
+        rounds=args.rounds,
     )
     table = markdown_table(rows, args.threads)
     print(table)

@@ -119,12 +119,29 @@ def test_benchmark_table_small(capsys):
     assert "1.00x" in rows[0] and rows[1].split("|")[8].strip() == "in graph"
 
     det = ["--models", "ssdlite", *common, "--det-size", "200x240", "--configs", "fused"]
-    assert benchmark_main(det) == 0
-    (row,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| SSD")]
+    assert benchmark_main([*det, "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "pooled over 2 interleaved rounds" in out
+    (row,) = [ln for ln in out.splitlines() if ln.startswith("| SSD")]
     cells = [c.strip() for c in row.split("|")]
     assert cells[2] == "ours fused" and cells[12] == "3.44M"  # torchvision's size
     assert float(cells[11]) > 50  # peak RSS (MB) of the worker process
     assert all(float(cells[i]) > 0 for i in (4, 6, 8, 9, 10))  # e2e, img/s, pre, net, post
+
+
+def test_benchmark_merge_rounds_pools_timings():
+    from mnv3det.benchmark import merge_rounds, summarise
+
+    base = {"model": "ssdlite", "config": "fused", "batch": 1}
+    rounds = [
+        {**base, **summarise([10.0, 11.0, 12.0]), "stages_ms": {"net": 8.0}, "peak_rss_mb": 700},
+        {**base, **summarise([20.0, 21.0, 22.0]), "stages_ms": {"net": 9.0}, "peak_rss_mb": 750},
+        {**base, **summarise([13.0, 14.0, 15.0]), "stages_ms": {"net": 30.0}, "peak_rss_mb": 720},
+    ]
+    row = merge_rounds(rounds)
+    assert row["median_ms"] == 14.0 and row["p25_ms"] == 12.0 and row["p75_ms"] == 20.0
+    assert row["stages_ms"] == {"net": 9.0} and row["peak_rss_mb"] == 750 and row["rounds"] == 3
+    assert row["images_per_s"] == 1000 / 14.0
 
 
 def test_benchmark_rejects_unknown_config():
