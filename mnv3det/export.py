@@ -241,6 +241,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--calib-split", default=None, help="split to calibrate on (train)")
     parser.add_argument("--calib-images", type=int, default=300)
     parser.add_argument(
+        "--float-prediction-layers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--int8: keep the prediction convolutions in float (default: more accurate) or "
+        "quantise them too (faster; see docs/deployment.md)",
+    )
+    parser.add_argument(
         "--check", action="store_true", help="run onnxruntime on random images and compare"
     )
     args = _fill_defaults(parser.parse_args(list(argv) if argv is not None else None))
@@ -271,7 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             images = calibration_images(
                 args.model, args.calib_root, args.calib_images, split=args.calib_split
             )
-            quantize_onnx(output, int8, images)
+            quantize_onnx(
+                output, int8, images, float_prediction_layers=args.float_prediction_layers
+            )
             print(f"wrote {int8} ({int8.stat().st_size / 1e6:.1f} MB)")
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"mnv3det export: error: {err}", file=sys.stderr)

@@ -316,6 +316,7 @@ def detection_accuracy(
     width_mult: float = 1.0,
     reduced_tail: bool = False,
     detections_per_img: int = 300,
+    float_prediction_layers: bool = True,
     log=print,
 ) -> dict[str, dict[str, float]]:
     """AP / AP50 of SSDLite on a COCO-format data set: PyTorch, ONNX fp32, ONNX int8.
@@ -359,7 +360,12 @@ def detection_accuracy(
     model.eval()
     fp32 = export_ssdlite(model, workdir / "ssdlite_demo.onnx")
     images = calibration_images("ssdlite", root, calib, split=data.train_split)
-    int8 = quantize_onnx(fp32, workdir / "ssdlite_demo.int8.onnx", images)
+    int8 = quantize_onnx(
+        fp32,
+        workdir / "ssdlite_demo.int8.onnx",
+        images,
+        float_prediction_layers=float_prediction_layers,
+    )
 
     val = data.val_dataset
     runners = {
@@ -477,6 +483,13 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--size", type=int, default=320, help="SSDLite input side")
     parser.add_argument("--detections-per-img", type=int, default=300)
+    parser.add_argument(
+        "--float-prediction-layers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="SSDLite: keep the prediction convolutions in float (default; slower, more "
+        "accurate) or quantise them too",
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     if not Path(args.data_root).exists():
@@ -493,6 +506,7 @@ def main(argv=None) -> int:
             args.workdir,
             size=args.size,
             detections_per_img=args.detections_per_img,
+            float_prediction_layers=args.float_prediction_layers,
             **common,
         )
     else:
