@@ -243,9 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--float-prediction-layers",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="--int8: keep the prediction convolutions in float (default: more accurate) or "
-        "quantise them too (faster; see docs/deployment.md)",
+        default=False,
+        help="--int8: keep the prediction convolutions in float (slower; can help a weakly "
+        "trained model) instead of quantising them too (default; see docs/deployment.md)",
     )
     parser.add_argument(
         "--check", action="store_true", help="run onnxruntime on random images and compare"

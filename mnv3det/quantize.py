@@ -112,7 +112,7 @@ def quantize_onnx(
     preprocess: bool = True,
     calibration: str = "percentile",
     percentile: float = 99.99,
-    float_prediction_layers: bool = True,
+    float_prediction_layers: bool = False,
 ) -> Path:
     """Static int8 (QDQ) quantisation of an mnv3det ONNX export.
 
@@ -126,7 +126,10 @@ def quantize_onnx(
             optimisation) first, as its documentation recommends.
         calibration: ``"percentile"`` (default), ``"minmax"`` or ``"entropy"``.
         percentile: the percentile of the ``"percentile"`` calibration.
-        float_prediction_layers: leave the prediction convolutions in float.
+        float_prediction_layers: leave the prediction convolutions (the ``Conv`` nodes that
+            feed no other ``Conv``) in float. Off by default: on the demo detector quantising
+            them costs the same AP50 (-0.29 vs -0.37 with them in float) and the int8 graph
+            is ~15 % faster; on a weakly trained detector float prediction layers lost less.
 
     Returns:
         ``int8_path``.
@@ -316,7 +319,7 @@ def detection_accuracy(
     width_mult: float = 1.0,
     reduced_tail: bool = False,
     detections_per_img: int = 300,
-    float_prediction_layers: bool = True,
+    float_prediction_layers: bool = False,
     log=print,
 ) -> dict[str, dict[str, float]]:
     """AP / AP50 of SSDLite on a COCO-format data set: PyTorch, ONNX fp32, ONNX int8.
@@ -486,9 +489,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--float-prediction-layers",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="SSDLite: keep the prediction convolutions in float (default; slower, more "
-        "accurate) or quantise them too",
+        default=False,
+        help="SSDLite: keep the prediction convolutions in float (slower; can help a weakly "
+        "trained model) instead of quantising them too (default)",
     )
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)

@@ -86,7 +86,7 @@ def test_ssdlite_int8_via_cli_keeps_postprocessing_float(tmp_path):
             assert node.name not in body
             assert all(made_by.get(i) != "DequantizeLinear" for i in node.input if i)
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 20
-    assert len(float_weight_convs(graph)) == 12  # 6 levels x (class, box) prediction convs
+    assert float_weight_convs(graph) == []  # every convolution is int8 by default
 
     images = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(3)).numpy()
     boxes32, scores32, _, _ = run(out, images)
@@ -96,11 +96,11 @@ def test_ssdlite_int8_via_cli_keeps_postprocessing_float(tmp_path):
     # the best detection of each image survives quantisation with a close score
     assert np.abs(scores8[:, 0] - scores32[:, 0]).max() < 0.05
 
-    # --no-float-prediction-layers quantises the prediction convolutions too
-    all8 = tmp_path / "det.all.int8.onnx"
-    more = ["--calib-images", "4", "--no-float-prediction-layers", "--int8-output", str(all8)]
+    # --float-prediction-layers keeps the 6 levels x (class, box) prediction convs in float
+    mixed = tmp_path / "det.mixed.int8.onnx"
+    more = ["--calib-images", "4", "--float-prediction-layers", "--int8-output", str(mixed)]
     assert export_main([*model_args, *io_args, *int8_args, *more]) == 0
-    assert float_weight_convs(onnx.load(str(all8)).graph) == []
+    assert len(float_weight_convs(onnx.load(str(mixed)).graph)) == 12
 
 
 def float_weight_convs(graph) -> list[str]:
