@@ -119,9 +119,13 @@ class SSDLiteDeploy(nn.Module):
 
     def network(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Normalise, resize to the model size and run the layers: ``(cls_logits, bbox_regression)``."""
+        return self.layers(self.normalize_resize(images))
+
+    def normalize_resize(self, images: Tensor) -> Tensor:
+        """Normalise ``(N, 3, H, W)`` images in ``[0, 1]`` and resize them to the model size."""
         x = (images - self.mean) / self.std
         # Always resize (an identity at the model size): no shape-dependent branch in the graph.
-        return self.layers(F.interpolate(x, size=self.size, mode="bilinear", align_corners=False))
+        return F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
 
     def layers(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Backbone, extra blocks and heads on a normalised batch at the model size."""
@@ -206,21 +210,9 @@ class FastSSDLite(nn.Module):
         if isinstance(images, Tensor) or len({tuple(im.shape) for im in images}) == 1:
             batch = images if isinstance(images, Tensor) else torch.stack(list(images))
             scale = d.box_scale(batch).expand(batch.shape[0], 1, 4)
-            x = F.interpolate(
-                (batch - d.mean) / d.std, size=d.size, mode="bilinear", align_corners=False
-            )
+            x = d.normalize_resize(batch)
         else:  # mixed sizes: resize each image, as torchvision's transform does
-            x = torch.cat(
-                [
-                    F.interpolate(
-                        (im[None] - d.mean) / d.std,
-                        size=d.size,
-                        mode="bilinear",
-                        align_corners=False,
-                    )
-                    for im in images
-                ]
-            )
+            x = torch.cat([d.normalize_resize(im[None]) for im in images])
             scale = torch.stack([d.box_scale(im) for im in images])[:, None]
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
