@@ -69,7 +69,7 @@ def test_print_config(config, capsys):
     text = capsys.readouterr().out
     assert "mnv3det.tasks.segmentation.SegmentationTask" in text
     assert "mnv3det.tasks.segmentation_data.CityscapesDataModule" in text
-    assert "monitor: val/miou" in text and "save_last: true" in text
+    assert "monitor: val/miou" in text and "mnv3det.tasks.checkpoints.LastCheckpoint" in text
     assert "crop_size:\n    - 512\n    - 1024" in text or "- 512" in text
 
 

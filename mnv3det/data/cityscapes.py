@@ -33,6 +33,7 @@ from mnv3det.data.cityscapes_labels import (
     VALID_LABEL_IDS,
 )
 from mnv3det.data.image_io import read_label_png, read_rgb
+from mnv3det.data.sampling import SampleKey, reseed_transforms, split_key
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIXES = {"labelIds": "_gtFine_labelIds.png", "labelTrainIds": "_gtFine_labelTrainIds.png"}
@@ -247,7 +248,10 @@ class CityscapesSegmentation(Dataset):
             counts[NUM_CLASSES] += hist[IGNORE_INDEX]
         return counts
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor, torch.Tensor]:
+        # key: an index, or (index, augmentation seed) from the resumable training sampler
+        index, seed = split_key(key)
+        reseed_transforms(self.transforms, seed)
         image, mask = self.load(index)
         if self.transforms is not None:
             out = self.transforms(image=image, mask=mask)

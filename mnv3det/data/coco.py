@@ -58,6 +58,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from mnv3det.data.image_io import ImageReadError, read_rgb
+from mnv3det.data.sampling import SampleKey, reseed_transforms, split_key
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -382,7 +383,10 @@ class CocoDetection(Dataset):
                 "set on_error='skip'"
             ) from err
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor, dict[str, Any]]:
+        # key: an index, or (index, augmentation seed) from the resumable training sampler
+        index, seed = split_key(key)
+        reseed_transforms(self.transforms, seed)
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         index %= len(self)
@@ -503,7 +507,10 @@ class DetectionImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor, dict[str, Any]]:
+        # key: an index, or (index, augmentation seed) from the resumable training sampler
+        index, seed = split_key(key)
+        reseed_transforms(self.transforms, seed)
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         index %= len(self)

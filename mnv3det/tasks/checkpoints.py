@@ -1,4 +1,5 @@
-"""Keep Lightning ``.ckpt`` files loadable with ``torch.load(weights_only=True)``.
+"""Lightning checkpoints: loadable with ``torch.load(weights_only=True)``, and a ``last.ckpt`` that
+is always the newest state of the run (:class:`LastCheckpoint`).
 
 :mod:`mnv3det.weights` refuses checkpoints that need arbitrary unpickling; a task's saved
 hyper-parameters can hold ``pathlib.Path`` objects (e.g. the data module's ``root``) or mapping
@@ -10,6 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 HPARAM_KEYS = ("hyper_parameters", "datamodule_hyper_parameters")
 
@@ -32,3 +36,74 @@ def make_checkpoint_safe(checkpoint: dict[str, Any]) -> None:
     for key in HPARAM_KEYS:
         if key in checkpoint:
             checkpoint[key] = plain(checkpoint[key])
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Keep ``last.ckpt`` the newest state of the run, for ``--ckpt_path last``.
+
+    Lightning's ``ModelCheckpoint(monitor=..., save_last=True)`` rewrites ``last.ckpt`` only when
+    it saves a top-k checkpoint, so a run killed late resumes from its best epoch. This callback
+    writes ``last.ckpt`` at the end of every training epoch (after that epoch's validation) and,
+    when asked, every ``every_n_train_steps`` optimiser steps, independently of any best-model
+    callback. Files are written atomically by Lightning (a kill while saving leaves the previous
+    ``last.ckpt`` intact).
+
+    Args:
+        dirpath: folder of ``last.ckpt`` (``None``: the run folder's ``checkpoints/``, like
+            every Lightning checkpoint callback).
+        every_n_train_steps: also save every N optimiser steps within an epoch (0: only at
+            epoch ends). A resumed run skips the batches already trained on
+            (:mod:`mnv3det.data.sampling`), so mid-epoch saves resume exactly too.
+    """
+
+    def __init__(self, dirpath: str | Path | None = None, every_n_train_steps: int = 0) -> None:
+        if every_n_train_steps < 0:
+            raise ValueError(
+                f"LastCheckpoint: every_n_train_steps must be >= 0, got {every_n_train_steps}"
+            )
+        super().__init__(
+            dirpath=dirpath,
+            save_last=True,
+            save_top_k=0,
+            save_on_train_epoch_end=True,
+            enable_version_counter=False,
+        )
+        self.every_n_steps = every_n_train_steps
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(kind="last", every_n_train_steps=self.every_n_steps)
+
+    def _skip(self, trainer: L.Trainer) -> bool:
+        return bool(
+            trainer.fast_dev_run
+            or trainer.sanity_checking
+            or trainer.state.fn != "fit"
+            or self._last_global_step_saved == trainer.global_step
+        )
+
+    def _save_last(self, trainer: L.Trainer) -> None:
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._last_global_step_saved = trainer.global_step
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if not self.every_n_steps or self._skip(trainer):
+            return
+        stepped = (batch_idx + 1) % max(1, trainer.accumulate_grad_batches) == 0
+        last_batch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if stepped and not last_batch and trainer.global_step % self.every_n_steps == 0:
+            self._save_last(trainer)  # the epoch-end save covers the last batch
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not (trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != "fit"):
+            self._save_last(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Nothing: ``last.ckpt`` is written at epoch end, after validation."""

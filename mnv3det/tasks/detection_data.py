@@ -20,17 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from mnv3det.data.coco import (
+    IMAGE_EXTENSIONS,
     CocoDataError,
     CocoDetection,
     DetectionImageFolder,
     collate_detection,
 )
 from mnv3det.data.detection_transforms import eval_transforms, train_transforms
+from mnv3det.data.sampling import default_seed, resumable_loader
 from mnv3det.data.seeding import seed_worker_transforms
 
 __all__ = ["CocoDataModule", "DatasetStatsReporter"]
@@ -93,9 +94,11 @@ class CocoDataModule(L.LightningDataModule):
         pin_memory: DataLoader ``pin_memory``.
         zoom_out_max_scale: largest zoom-out canvas ratio of the augmentation (SSD: 4).
         photometric: use the photometric distortion in the augmentation.
-        seed: seed of the augmentation generator (``None``: drawn from torch's generator at setup,
-            so ``seed_everything`` makes runs repeatable); each DataLoader worker reseeds from its own
-            torch seed.
+        seed: seed of the training order and augmentation (``None``: drawn from torch's
+            generator at setup, so ``seed_everything`` makes runs repeatable). Each image's
+            augmentation is a function of (seed, epoch, image), whatever the number of workers,
+            so a resumed run (``--ckpt_path last``) equals an uninterrupted one
+            (:mod:`mnv3det.data.sampling`).
     """
 
     def __init__(
@@ -200,12 +203,13 @@ class CocoDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ data sets
     def _dataset(self, split: str, train: bool) -> CocoDetection:
         if train and self.augment:
-            seed = self.seed if self.seed is not None else int(torch.randint(0, 2**31 - 1, ()))
+            if self.seed is None:
+                self.seed = default_seed()
             transforms = train_transforms(
                 self.size,
                 zoom_out_max_scale=self.zoom_out_max_scale,
                 photometric=self.photometric,
-                seed=seed,
+                seed=self.seed,
             )
         else:
             transforms = eval_transforms()
@@ -247,9 +251,69 @@ class CocoDataModule(L.LightningDataModule):
                     "the same 'categories' list"
                 )
 
+    def _coco_split_images(self, folder: Path) -> tuple[Path, dict[str, int]] | None:
+        """``(annotation file, file_name -> COCO image id)`` when ``folder`` is a COCO split's
+        image folder, else ``None``.
+
+        A split's image folder is ``root/{split}`` (the train/val/test split, or the folder's own
+        name) or, for a folder elsewhere, ``DIR/{name}`` beside ``DIR/annotations/
+        instances_{name}.json``; either way its annotation file must exist.
+        """
+        folder = folder.resolve()
+        splits = (self.val_split, self.train_split, self.test_split, folder.name)
+        candidates = [(self.root, split) for split in dict.fromkeys(s for s in splits if s)]
+        candidates.append((folder.parent, folder.name))
+        for root, split in candidates:
+            ann_file = root / "annotations" / f"instances_{split}.json"
+            if not ann_file.is_file() or not (root / split).is_dir():
+                continue
+            if (root / split).resolve() != folder:
+                continue
+            try:
+                with open(ann_file) as f:
+                    images = json.load(f).get("images", [])
+                ids = {str(im["file_name"]): int(im["id"]) for im in images}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+                raise CocoDataError(
+                    f"cannot read the images of COCO annotation file {ann_file}: "
+                    f"{type(err).__name__}: {err}"
+                ) from err
+            if len(ids) != len(images):
+                raise CocoDataError(
+                    f"{ann_file} lists the same file_name under more than one image id, so "
+                    "predictions could not be told apart"
+                )
+            return ann_file, ids
+        return None
+
     def _predict_dataset(self) -> Dataset:
+        """The images to predict, with COCO image ids when they are a COCO split.
+
+        ``predict_dir`` unset: the validation split's images. ``predict_dir`` a COCO split's image
+        folder (see :meth:`_coco_split_images`): the images its annotation file lists, with their
+        COCO ids (files it does not list are left out and counted). Any other folder: every image
+        in it and its sub-folders, with the position in the sorted list of relative paths as id.
+        """
         if self.predict_dir is not None:
-            return DetectionImageFolder(self.predict_dir, on_error=self.on_error)
+            split = self._coco_split_images(self.predict_dir)
+            if split is None:
+                return DetectionImageFolder(self.predict_dir, on_error=self.on_error)
+            ann_file, ids = split
+            on_disk = {
+                p.relative_to(self.predict_dir).as_posix()
+                for p in self.predict_dir.rglob("*")
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            }
+            unlisted = len(on_disk - set(ids))
+            note = f" ({unlisted} image files it does not list are left out)" if unlisted else ""
+            rank_zero_info(
+                f"[data] predicting the COCO split {self.predict_dir} with the image ids of "
+                f"{ann_file}{note}"
+            )
+            files = sorted(ids, key=ids.__getitem__)
+            return DetectionImageFolder(
+                self.predict_dir, files=files, image_ids=ids, on_error=self.on_error
+            )
         coco_split = self.val_dataset or self._dataset(self.val_split, train=False)
         files = [coco_split.coco.imgs[i]["file_name"] for i in coco_split.ids]
         ids = {coco_split.coco.imgs[i]["file_name"]: int(i) for i in coco_split.ids}
@@ -273,7 +337,19 @@ class CocoDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True, name="train")
+        if self.train_dataset is None:
+            raise RuntimeError("train data set is not set up; call setup('fit') first")
+        if self.seed is None:
+            self.seed = default_seed()
+        return resumable_loader(
+            self.train_dataset,
+            self.batch_size,
+            seed=self.seed,
+            num_workers=self.num_workers,
+            collate_fn=collate_detection,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, shuffle=False, name="val")

@@ -22,6 +22,7 @@ from mnv3det.data.cityscapes import (
     collate_segmentation,
 )
 from mnv3det.data.cityscapes_labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, PALETTE
+from mnv3det.data.sampling import default_seed, resumable_loader
 from mnv3det.data.seeding import seed_worker_transforms
 from mnv3det.data.segmentation_transforms import eval_transforms, train_transforms
 
@@ -54,6 +55,10 @@ class CityscapesDataModule(L.LightningDataModule):
         val_batch_size: validation/test/predict batch size (default: ``batch_size``).
         hflip_p: horizontal flip probability in training.
         color_jitter: photometric jitter strength in training (0 disables it).
+        seed: seed of the training order and augmentation (``None``: drawn from torch's
+            generator at setup, so ``seed_everything`` makes runs repeatable). Each image's
+            augmentation is a function of (seed, epoch, image), so a resumed run
+            (``--ckpt_path last``) equals an uninterrupted one (:mod:`mnv3det.data.sampling`).
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class CityscapesDataModule(L.LightningDataModule):
         val_batch_size: int | None = None,
         hflip_p: float = 0.5,
         color_jitter: float = 0.3,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
@@ -97,6 +103,7 @@ class CityscapesDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.hflip_p = hflip_p
         self.color_jitter = color_jitter
+        self.seed = seed
         self._train: CityscapesSegmentation | None = None
         self._val: CityscapesSegmentation | None = None
         self._test: CityscapesSegmentation | None = None
@@ -197,7 +204,18 @@ class CityscapesDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+        if self.seed is None:
+            self.seed = default_seed()
+        return resumable_loader(
+            self.train_dataset,
+            self.batch_size,
+            seed=self.seed,
+            drop_last=len(self.train_dataset) >= self.batch_size,  # BN dislikes a tiny batch
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_segmentation,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, self.val_batch_size, shuffle=False)

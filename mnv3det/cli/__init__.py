@@ -30,26 +30,6 @@ USAGE = """usage: mnv3det {fit,validate,test,predict,demo,info,export,benchmark}
 """
 
 
-def run_lightning_cli(args: list[str] | None) -> None:
-    """Run LightningCLI with the task/data classes named in the config.
-
-    Args:
-        args: the subcommand and its arguments; ``None`` reads ``sys.argv`` (console script).
-    """
-    import lightning as L
-    from lightning.pytorch.cli import LightningCLI
-
-    LightningCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=args,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
-
-
 def info_main(argv: list[str]) -> int:
     """``mnv3det info``: print the variant table."""
     parser = argparse.ArgumentParser(prog="mnv3det info", description=info_main.__doc__)
@@ -69,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command in LIGHTNING_SUBCOMMANDS:
+        from mnv3det.cli.lightning_cli import run_lightning_cli
+
         # From the console LightningCLI reads sys.argv itself (passing it again as args makes
         # it warn that both were given).
         run_lightning_cli(None if from_console else argv)

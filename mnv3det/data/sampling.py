@@ -1,0 +1,179 @@
+"""Training order and augmentation randomness that a resumed run reproduces exactly.
+
+A run killed and resumed from ``last.ckpt`` must train on the same images in the same order with
+the same augmentation as an uninterrupted one. Three things make that hold, whatever the number
+of DataLoader workers and wherever the run was stopped:
+
+* :class:`ResumableSampler` (a ``DistributedSampler``, so Lightning keeps it under DDP) draws the
+  epoch's order from ``(seed, epoch)`` alone and yields keys ``(index, sample_seed)`` where
+  ``sample_seed`` is derived from ``(seed, epoch, index)``. The data sets reseed their
+  albumentations pipeline with it before augmenting (:func:`split_key`), so an image's
+  augmentation depends on nothing else: not on the worker that loads it, nor on how many images
+  that worker loaded before.
+* :class:`ResumableDataLoader` counts the batches it has handed to the training loop and
+  implements ``state_dict`` / ``load_state_dict``. Lightning stores that state in every
+  checkpoint (``loops.fit_loop.state_dict.combined_loader``) and gives it back on resume, and the
+  sampler then skips the batches already trained on (mid-epoch checkpoints) or moves on to the
+  next epoch (end-of-epoch checkpoints).
+* The sampler's seed is stored in that state, so a resumed run keeps its order and
+  augmentations even when the global seed is not set.
+
+Hand-written because torch's ``StatefulDataLoader`` lives in ``torchdata`` (an extra dependency)
+and restores worker RNG states rather than making augmentation a function of the sample; this is
+smaller and independent of the number of workers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+__all__ = [
+    "ResumableDataLoader",
+    "ResumableSampler",
+    "default_seed",
+    "reseed_transforms",
+    "resumable_loader",
+    "split_key",
+]
+
+SampleKey = tuple[int, int]
+"""What :class:`ResumableSampler` yields: ``(dataset index, augmentation seed)``."""
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 32-bit seed for one sample's augmentation, a function of ``(seed, epoch, index)``."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+def split_key(key: int | SampleKey) -> tuple[int, int | None]:
+    """``index`` or ``(index, seed)`` (from :class:`ResumableSampler`) -> ``(index, seed or None)``."""
+    if isinstance(key, (tuple, list)):
+        index, seed = key
+        return int(index), int(seed)
+    return int(key), None
+
+
+def reseed_transforms(transforms: Any, seed: int | None) -> None:
+    """Reseed an albumentations pipeline for one sample (no-op for ``None`` or plain callables)."""
+    if seed is not None and hasattr(transforms, "set_random_seed"):
+        transforms.set_random_seed(seed)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class ResumableSampler(DistributedSampler):
+    """Epoch order from ``(seed, epoch)``; yields ``(index, sample_seed)`` keys.
+
+    Works in one process and under DDP (each rank takes its share, as ``DistributedSampler``).
+    Lightning calls :meth:`set_epoch` at the start of every epoch.
+
+    Args:
+        dataset: the data set (its length is read).
+        shuffle: random order per epoch (training) or the data set's order.
+        seed: seed of the order and of every sample's augmentation seed.
+        drop_last: drop the tail so every rank gets the same number of samples (DDP only).
+    """
+
+    def __init__(
+        self, dataset: Dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = False
+    ) -> None:
+        num_replicas, rank = _world()
+        super().__init__(
+            dataset,
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=shuffle,
+            seed=int(seed),
+            drop_last=drop_last,
+        )
+        self.skip = 0
+        """Samples of the current epoch to leave out once (set when resuming mid-epoch)."""
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        for index in indices[skip:]:
+            yield index, sample_seed(self.seed, self.epoch, index)
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over a :class:`ResumableSampler` that Lightning can checkpoint.
+
+    ``state_dict()`` is ``{"epoch", "batches", "num_batches", "seed"}``: the batches of the
+    current epoch already handed out. Lightning saves it with every checkpoint and calls
+    ``load_state_dict`` on resume, before creating the iterator.
+    """
+
+    def __init__(self, dataset: Dataset, sampler: ResumableSampler, **kwargs: Any) -> None:
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self._batches = 0
+
+    @property
+    def resumable_sampler(self) -> ResumableSampler:
+        return self.sampler  # type: ignore[return-value]
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        sampler = self.resumable_sampler
+        batch_size = self.batch_size or 1
+        self._batches = sampler.skip // batch_size
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """Where this epoch's iteration stands (saved in Lightning checkpoints)."""
+        sampler = self.resumable_sampler
+        return {
+            "epoch": int(sampler.epoch),
+            "batches": int(self._batches),
+            "num_batches": len(self),
+            "seed": int(sampler.seed),
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue after the batches recorded in ``state`` (called by Lightning on resume)."""
+        sampler = self.resumable_sampler
+        if int(state["seed"]) != sampler.seed:
+            sampler.seed = int(state["seed"])  # the checkpointed run's order, not a new one
+        if int(state["num_batches"]) != len(self):
+            warnings.warn(
+                f"resuming with {len(self)} batches per epoch, the checkpoint had "
+                f"{state['num_batches']} (data set or batch size changed): the epoch restarts "
+                "from its first batch and the run will not equal an uninterrupted one",
+                stacklevel=2,
+            )
+            sampler.set_epoch(int(state["epoch"]))
+            sampler.skip = 0
+        elif int(state["batches"]) >= len(self):  # saved at the end of an epoch
+            sampler.set_epoch(int(state["epoch"]) + 1)
+            sampler.skip = 0
+        else:  # saved mid-epoch: leave out what was trained on
+            sampler.set_epoch(int(state["epoch"]))
+            sampler.skip = int(state["batches"]) * (self.batch_size or 1)
+        self._batches = sampler.skip // (self.batch_size or 1)
+
+
+def resumable_loader(
+    dataset: Dataset, batch_size: int, seed: int, drop_last: bool = False, **kwargs: Any
+) -> ResumableDataLoader:
+    """A shuffled training :class:`ResumableDataLoader` (``kwargs`` go to ``DataLoader``)."""
+    sampler = ResumableSampler(dataset, shuffle=True, seed=seed)
+    return ResumableDataLoader(
+        dataset, sampler=sampler, batch_size=batch_size, drop_last=drop_last, **kwargs
+    )
+
+
+def default_seed() -> int:
+    """A sampler seed drawn from torch's generator (so ``seed_everything`` fixes it)."""
+    return int(torch.randint(0, 2**31 - 1, ()))
