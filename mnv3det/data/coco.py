@@ -508,9 +508,8 @@ class DetectionImageFolder(Dataset):
         return len(self.files)
 
     def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor, dict[str, Any]]:
-        # key: an index, or (index, augmentation seed) from the resumable training sampler
-        index, seed = split_key(key)
-        reseed_transforms(self.transforms, seed)
+        # key: an index, or (index, seed) from the resumable sampler (no augmentation to reseed)
+        index, _ = split_key(key)
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         index %= len(self)
