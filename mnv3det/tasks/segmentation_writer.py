@@ -1,16 +1,36 @@
 """Writes LR-ASPP predictions: Cityscapes label-id PNGs, colour masks and overlays (paper §6.4).
 
 :class:`SegmentationPredictionWriter` is a Lightning ``BasePredictionWriter`` callback for
-``mnv3det predict``. For every image ``<rel>/<stem>.<ext>`` of the predict folder it writes
+``mnv3det predict``. For every image ``<rel>/<stem>.<ext>`` of the predict folder (``<rel>`` its
+sub-folder, e.g. the city) it writes, each kind in its own tree:
 
-* ``OUT/labelIds/<rel>/<stem>.png``: 8-bit PNG of Cityscapes *label ids* (the ``id`` column,
-  e.g. road = 7, car = 26), the format the Cityscapes benchmark server and
-  cityscapesScripts' ``evalPixelLevelSemanticLabeling`` expect (train ids are mapped back with
-  :data:`mnv3det.data.cityscapes_labels.TRAINID_TO_ID`);
+* ``OUT/labelIds/<rel>/<stem>.png``: 8-bit PNG of Cityscapes *label ids* 0..33 (the ``id``
+  column, e.g. road = 7, car = 26; not train ids: they are mapped back with
+  :data:`mnv3det.data.cityscapes_labels.TRAINID_TO_ID`), at the image's original size: the format
+  of the Cityscapes benchmark server and of cityscapesScripts' ``evalPixelLevelSemanticLabeling``;
 * ``OUT/color/<rel>/<stem>.png``: the mask in the official Cityscapes palette;
 * ``OUT/overlay/<rel>/<stem>.jpg``: the colour mask blended over the image.
 
-Every kind can be switched off. Paths keep the predict folder's sub-folders (``city/...``).
+Every kind can be switched off. For ``leftImg8bit/val`` the tree is::
+
+    OUT/labelIds/frankfurt/frankfurt_000000_000294_leftImg8bit.png   <- evaluate this folder
+    OUT/color/frankfurt/frankfurt_000000_000294_leftImg8bit.png
+    OUT/overlay/frankfurt/frankfurt_000000_000294_leftImg8bit.jpg
+
+The official evaluation finds the prediction of ground truth ``<city>_<seq>_<frame>_gtFine_labelIds.png``
+by searching ``CITYSCAPES_RESULTS`` recursively for ``<city>_<seq>_<frame>*.png`` and stops when
+it finds more than one, so point it at ``OUT/labelIds`` (``OUT`` itself holds the colour masks
+under the same names)::
+
+    mnv3det predict --config configs/lraspp_mnv3_large_cityscapes.yaml \
+        --data.root /data/cityscapes --ckpt_path BEST.ckpt \
+        --data.predict_dir /data/cityscapes/leftImg8bit/val
+    CITYSCAPES_DATASET=/data/cityscapes CITYSCAPES_RESULTS=OUT/labelIds \
+        csEvalPixelLevelSemanticLabeling
+
+(``pip install cityscapesscripts``; it evaluates ``gtFine/val`` and reads the
+``*_gtFine_instanceIds.png`` files for the iIoU. For the test set, zip ``OUT/labelIds`` for the
+benchmark server.)
 """
 
 from __future__ import annotations
@@ -106,8 +126,16 @@ class SegmentationPredictionWriter(BasePredictionWriter):
             self.write_item(item)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            print(f"[predict] wrote {len(self.written)} files under {self.output_dir}")
+        if not trainer.is_global_zero:
+            return
+        print(f"[predict] wrote {len(self.written)} files under {self.output_dir}")
+        if self.label_ids:
+            root = getattr(getattr(trainer, "datamodule", None), "root", None) or "CITYSCAPES_ROOT"
+            print(
+                "[predict] official evaluation (cityscapesscripts, ground truth gtFine/val): "
+                f"CITYSCAPES_DATASET={root} CITYSCAPES_RESULTS={self.output_dir / 'labelIds'} "
+                "csEvalPixelLevelSemanticLabeling"
+            )
 
 
 __all__ = ["SegmentationPredictionWriter", "overlay"]
