@@ -13,6 +13,15 @@
 * timm trains MobileNetV3 with BatchNorm eps 1e-5 (torchvision: 1e-3). eps is not stored in a
   checkpoint, so loading a timm checkpoint sets eps=1e-5 on the backbone's BatchNorm layers,
   which is what makes the features equal to timm's.
+
+Task checkpoints (ours and Lightning's ``.ckpt``) are read here too: :func:`read_checkpoint`
+returns the tensors plus the model description the tasks store under
+``checkpoint["mnv3det"]`` (:data:`DESCRIPTION_KEY`), or one rebuilt from the
+``hyper_parameters`` of older ``.ckpt`` files. :func:`resolve_arguments` merges that description
+with a builder's explicit arguments (a contradiction is a :class:`CheckpointConflictError`). A
+missing, truncated, empty or non-checkpoint file is a :class:`CheckpointNotFoundError` /
+:class:`CheckpointReadError` naming the file; a checkpoint of another network is a
+:class:`CheckpointFormatError`.
 """
 
 from __future__ import annotations
@@ -28,8 +37,23 @@ import torch
 from torch import Tensor, nn
 
 WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
-STRIP_PREFIXES = ("module.", "model.", "backbone.body.", "backbone.")
+STRIP_PREFIXES = ("module.", "model.", "_orig_mod.", "backbone.body.", "backbone.")
 TIMM_BN_EPS = 1e-5
+DESCRIPTION_KEY = "mnv3det"
+"""Key of the model description in our checkpoints (a plain dict, see :func:`read_checkpoint`)."""
+DESCRIPTION_VERSION = 1
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """The checkpoint file does not exist."""
+
+
+class CheckpointReadError(ValueError):
+    """The file is not a readable checkpoint (empty, truncated, or not a PyTorch file)."""
+
+
+class CheckpointFormatError(ValueError):
+    """The checkpoint holds tensors of another network than the one asked for."""
 
 
 class UnsafeCheckpointError(ValueError):
@@ -38,6 +62,29 @@ class UnsafeCheckpointError(ValueError):
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint belongs to a different architecture/width than the model."""
+
+
+class CheckpointConflictError(ValueError):
+    """An explicit builder argument contradicts what the checkpoint was trained with."""
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read by :func:`read_checkpoint`.
+
+    Attributes:
+        state: the tensors (wrapper dicts such as ``state_dict`` unwrapped, prefixes kept).
+        name: the file path or ``"<state_dict>"`` (used in messages).
+        description: the model description (``checkpoint["mnv3det"]`` or one rebuilt from a
+            Lightning checkpoint's ``hyper_parameters``); empty when the file has none.
+        described_by: where ``description`` came from: ``"mnv3det"``,
+            ``"hyper_parameters"`` or ``""``.
+    """
+
+    state: dict[str, Tensor]
+    name: str
+    description: dict = field(default_factory=dict)
+    described_by: str = ""
 
 
 @dataclass
@@ -68,35 +115,229 @@ def read_state_dict(source: str | Path | Mapping[str, Tensor]) -> tuple[dict[str
     """Read a state_dict from a file or mapping without unpickling code.
 
     Args:
-        source: path to ``.pth``/``.pt``/``.ckpt``/``.safetensors`` or an in-memory mapping.
+        source: path to ``.pth``/``.pt``/``.ckpt``/``.safetensors``, an in-memory mapping or a
+            :class:`Checkpoint`.
 
     Returns:
         ``(state_dict, source_name)`` with wrapper dicts unwrapped.
 
     Raises:
-        FileNotFoundError: the path does not exist.
+        CheckpointNotFoundError: the path does not exist.
+        CheckpointReadError: the file is empty, truncated or not a checkpoint.
         UnsafeCheckpointError: the file's pickle would execute code.
     """
+    ckpt = read_checkpoint(source)
+    return ckpt.state, ckpt.name
+
+
+def read_checkpoint(source: str | Path | Mapping[str, Tensor] | Checkpoint) -> Checkpoint:
+    """Read any checkpoint: tensors plus the model description when it has one.
+
+    Args:
+        source: a file (``.pth``/``.pt``/``.ckpt``/``.safetensors``), a mapping (a state_dict or
+            a whole checkpoint dict) or an already read :class:`Checkpoint` (returned as is).
+
+    Returns:
+        A :class:`Checkpoint`.
+
+    Raises:
+        CheckpointNotFoundError: the path does not exist.
+        CheckpointReadError: the file is empty, truncated, not a PyTorch/safetensors file, or
+            holds no tensors.
+        UnsafeCheckpointError: the file's pickle would execute code.
+    """
+    if isinstance(source, Checkpoint):
+        return source
     if isinstance(source, Mapping):
-        return _unwrap(dict(source)), "<state_dict>"
+        return _checkpoint_from(dict(source), "<state_dict>")
     path = Path(source)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"checkpoint not found: {path}")
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise CheckpointNotFoundError(f"checkpoint {path} is a directory, expected a file")
+    expected = (
+        "expected a PyTorch checkpoint (torch.save of a state_dict, or a Lightning .ckpt) "
+        "or a .safetensors file"
+    )
+    if path.stat().st_size == 0:
+        raise CheckpointReadError(f"checkpoint {path} is empty (0 bytes); {expected}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return _unwrap(load_file(str(path))), str(path)
+        try:
+            return _checkpoint_from(dict(load_file(str(path))), str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointReadError(
+                f"checkpoint {path} could not be read as safetensors ({_first_line(err)}); "
+                "the file may be truncated or corrupt"
+            ) from err
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "weights only load failed" not in str(err).lower():
+            raise CheckpointReadError(
+                f"checkpoint {path} is not a PyTorch checkpoint ({_first_line(err)}); {expected}"
+            ) from err
         raise UnsafeCheckpointError(
             f"{path}: refused to load: the file is not a plain tensor checkpoint and unpickling "
-            f"it would run code ({str(err).splitlines()[0]}). Re-save it as a state_dict "
+            f"it would run code ({_first_line(err)}). Re-save it as a state_dict "
             f"(torch.save(model.state_dict(), ...)) or as .safetensors from a trusted source."
         ) from err
+    except (RuntimeError, EOFError, KeyError, OSError, ValueError, IndexError) as err:
+        if "zip archive" in str(err) or isinstance(err, EOFError):
+            what = "truncated or corrupt (the zip archive cannot be read)"
+        else:
+            what = f"not readable ({type(err).__name__}: {_first_line(err)})"
+        raise CheckpointReadError(
+            f"checkpoint {path} is {what}; {expected}. Re-download or re-save it."
+        ) from err
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a state_dict (a mapping), got {type(obj).__name__}")
-    return _unwrap(dict(obj)), str(path)
+        raise CheckpointReadError(
+            f"checkpoint {path}: expected a state_dict (a mapping of tensors), got "
+            f"{type(obj).__name__}"
+        )
+    return _checkpoint_from(dict(obj), str(path))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _checkpoint_from(obj: dict, name: str) -> Checkpoint:
+    description, described_by = {}, ""
+    if isinstance(obj.get(DESCRIPTION_KEY), Mapping):
+        description, described_by = dict(obj[DESCRIPTION_KEY]), DESCRIPTION_KEY
+    elif isinstance(obj.get("hyper_parameters"), Mapping):
+        description = description_from_hparams(obj["hyper_parameters"])
+        described_by = "hyper_parameters" if description else ""
+    state = _unwrap(obj)
+    if not state:
+        raise CheckpointReadError(
+            f"checkpoint {name} holds no tensors (top-level keys: "
+            f"{', '.join(map(str, list(obj)[:8])) or 'none'}); expected a state_dict"
+        )
+    return Checkpoint(state=state, name=name, description=description, described_by=described_by)
+
+
+#: Hyper-parameters of DetectionTask / SegmentationTask that describe the model.
+_DETECTION_HPARAMS = (
+    "arch",
+    "num_classes",
+    "size",
+    "width_mult",
+    "reduced_tail",
+    "score_thresh",
+    "nms_thresh",
+    "detections_per_img",
+    "topk_candidates",
+)
+_SEGMENTATION_HPARAMS = (
+    "arch",
+    "num_classes",
+    "width_mult",
+    "reduced_tail",
+    "dilated",
+    "pooling",
+    "low_tap",
+    "class_names",
+    "mean",
+    "std",
+)
+
+
+def description_from_hparams(hparams: Mapping) -> dict:
+    """A model description from the ``hyper_parameters`` of a task ``.ckpt`` without one.
+
+    Checkpoints written before the tasks stored ``checkpoint["mnv3det"]`` still name the
+    builder arguments in their hyper-parameters (DetectionTask: ``size``, ``score_thresh`` ...;
+    SegmentationTask: ``dilated``, ``pooling`` ...). ``None`` values (automatic choices) are
+    left out. Returns ``{}`` when the hyper-parameters are not those of one of our tasks.
+    """
+    if "pooling" in hparams or "dilated" in hparams:
+        builder, task, keys = "lraspp", "segmentation", _SEGMENTATION_HPARAMS
+    elif "size" in hparams and "arch" in hparams:
+        builder, task, keys = "ssdlite", "detection", _DETECTION_HPARAMS
+    else:
+        return {}
+    out = {"version": DESCRIPTION_VERSION, "task": task, "builder": builder}
+    out.update({k: hparams[k] for k in keys if hparams.get(k) is not None})
+    return out
+
+
+def _same(a: object, b: object) -> bool:
+    """Equality that treats lists and tuples alike and ``512`` as ``(512, 512)`` for sizes."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, (list, tuple)) and isinstance(b, int) and not isinstance(b, bool):
+        return len(a) == 2 and all(_same(x, b) for x in a)
+    if isinstance(b, (list, tuple)) and isinstance(a, int) and not isinstance(a, bool):
+        return _same(b, a)
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b or (isinstance(a, bool) and isinstance(b, bool) and a == b)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return float(a) == float(b)
+    return a == b
+
+
+def resolve_arguments(
+    builder: str,
+    explicit: Mapping[str, object],
+    ckpt: Checkpoint | None,
+    defaults: Mapping[str, object],
+    inferred: Mapping[str, object] | None = None,
+    overridable: tuple[str, ...] = (),
+) -> dict[str, object]:
+    """Merge a builder's arguments with what a checkpoint says about its model.
+
+    For every key of ``defaults``: an explicit (non-``None``) argument wins, else the
+    checkpoint's description, else what was inferred from the tensors, else the default. An
+    explicit argument that differs from the description raises, unless the key is in
+    ``overridable`` (post-processing settings such as ``score_thresh``).
+
+    Args:
+        builder: ``"ssdlite"`` or ``"lraspp"`` (for messages).
+        explicit: the arguments the caller gave (``None`` = not given).
+        ckpt: the checkpoint, or ``None``.
+        defaults: the documented default of every argument.
+        inferred: values read from tensor shapes / key layout (used when not described).
+        overridable: keys an explicit argument may change without an error.
+
+    Returns:
+        The resolved value of every key of ``defaults``.
+
+    Raises:
+        CheckpointConflictError: an explicit argument contradicts the description.
+    """
+    description = ckpt.description if ckpt is not None else {}
+    described_builder = description.get("builder")
+    if ckpt is not None and described_builder not in (None, builder):
+        raise CheckpointFormatError(
+            f"checkpoint {ckpt.name} holds a {described_builder} model "
+            f"({description.get('task', '?')} task), not {builder}; use "
+            f"mnv3det.{described_builder}(weights=...) or mnv3det.models.from_checkpoint."
+            "load_model"
+        )
+    inferred = inferred or {}
+    out: dict[str, object] = {}
+    for key, default in defaults.items():
+        given = explicit.get(key)
+        if key in description:
+            value = description[key]
+            if given is not None and not _same(given, value) and key not in overridable:
+                raise CheckpointConflictError(
+                    f"{builder}: {key}={given!r} but checkpoint {ckpt.name} was trained with "
+                    f"{key}={value!r}; drop the argument or pass {key}={value!r}"
+                )
+            out[key] = given if given is not None else value
+        elif given is not None:
+            out[key] = given
+        elif inferred.get(key) is not None:
+            out[key] = inferred[key]
+        else:
+            out[key] = default
+    return out
 
 
 def _unwrap(state: dict) -> dict[str, Tensor]:
@@ -107,22 +348,49 @@ def _unwrap(state: dict) -> dict[str, Tensor]:
 
 
 def strip_prefix(state: dict[str, Tensor], anchors: tuple[str, ...]) -> dict[str, Tensor]:
-    """Remove a common wrapper prefix (``module.``, ``backbone.`` ...) so keys start at an anchor."""
-    for prefix in STRIP_PREFIXES:
+    """Remove wrapper prefixes (``module.``, ``model.``, ``_orig_mod.``, ``backbone.`` ...).
+
+    The one prefix-stripping helper of the package. A Lightning checkpoint of one of our tasks
+    (keys ``model.*`` and, with EMA, ``ema.module.*``) keeps only its model's tensors, the EMA
+    ones when present (those are the evaluated weights). Then every prefix of
+    :data:`STRIP_PREFIXES` is removed, repeatedly (e.g. ``model.module._orig_mod.``), as long as
+    what follows it starts with one of ``anchors`` (the model's own top-level key names), so
+    keys that already start at an anchor are never cut.
+
+    Args:
+        state: the tensors.
+        anchors: key beginnings of the model being loaded, e.g. ``("features.",)``.
+
+    Returns:
+        The renamed tensors (keys without the prefix are kept unchanged).
+    """
+    for prefix in ("ema.module.", "model."):
         if any(k.startswith(prefix) and k[len(prefix) :].startswith(anchors) for k in state):
-            state = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            break
+    changed = True
+    while changed:
+        changed = False
+        for prefix in STRIP_PREFIXES:
+            if any(k.startswith(prefix) and k[len(prefix) :].startswith(anchors) for k in state):
+                if all(k.startswith(anchors) for k in state):
+                    continue
+                state = {
+                    (k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state.items()
+                }
+                changed = True
     return state
 
 
-def detect_format(state: Mapping[str, Tensor]) -> str:
-    """``"torchvision"`` or ``"timm"`` from the key names; ValueError when neither."""
+def detect_format(state: Mapping[str, Tensor], name: str = "<state_dict>") -> str:
+    """``"torchvision"`` or ``"timm"`` from the key names; CheckpointFormatError when neither."""
     if any(k.startswith("features.") for k in state):
         return "torchvision"
     if "conv_stem.weight" in state or any(k.startswith("blocks.") for k in state):
         return "timm"
     sample = ", ".join(list(state)[:5])
-    raise ValueError(
-        "weights: not a torchvision or timm MobileNetV3 checkpoint (expected keys like "
+    raise CheckpointFormatError(
+        f"checkpoint {name} is not a torchvision or timm MobileNetV3 checkpoint (expected keys like "
         f"'features.0.0.weight' or 'conv_stem.weight'); first keys are: {sample}"
     )
 
@@ -196,7 +464,7 @@ def load_backbone_weights(
     """
     state, name = read_state_dict(source)
     state = strip_prefix(state, ("features.", "conv_stem.", "blocks."))
-    fmt = detect_format(state)
+    fmt = detect_format(state, name)
     if fmt == "timm":
         state = timm_to_torchvision(state)
         for module in model.modules():
@@ -244,3 +512,22 @@ def _describe(model: nn.Module) -> str:
     width = getattr(model, "width_mult", "?")
     tail = getattr(model, "reduced_tail", "?")
     return f"mobilenet_v3({arch!r}, width_mult={width}, reduced_tail={tail})"
+
+
+def checkpoint_has_reduced_tail(state: Mapping[str, Tensor], arch: str, width_mult: float) -> bool:
+    """Whether a checkpoint was trained with the reduced tail (RF2).
+
+    Looks among the tensor shapes for the reduced-tail projection of the first stride-32 block
+    and the reduced-tail last 1x1 conv (Large x1.0: ``(80, 672, 1, 1)`` and ``(480, 80, 1, 1)``;
+    a full tail has neither), so it works for torchvision's keys, ours and Lightning
+    checkpoints alike, for detectors and segmenters.
+    """
+    from mnv3det.backbone import block_configs
+
+    _, blocks, last_conv, _ = block_configs(arch, width_mult, reduced_tail=True)
+    first_tail = next(b for b in reversed(blocks) if b.stride == 2)
+    wanted = {
+        (first_tail.out_channels, first_tail.expanded, 1, 1),
+        (last_conv, blocks[-1].out_channels, 1, 1),
+    }
+    return wanted <= {tuple(v.shape) for v in state.values()}

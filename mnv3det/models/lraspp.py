@@ -17,14 +17,20 @@ This module offers both readings:
   40 ch). This is what torchvision's ``lraspp_mobilenet_v3_large`` taps (its builder takes the
   strided "C2" block itself), so torchvision checkpoints need it for identical logits.
 
-With ``low_tap=None`` the choice is automatic: ``"stage3_first"`` when ``weights`` is a
-torchvision LR-ASPP checkpoint (keys ``backbone.N...``/``classifier.*``), else ``"stage3"``.
+With ``low_tap=None`` the choice is automatic: the checkpoint's description when it has one,
+``"stage3_first"`` when ``weights`` is a torchvision LR-ASPP checkpoint (keys
+``backbone.N...``/``classifier.*``), else ``"stage3"``.
 
 Loading torchvision's checkpoint. torchvision builds ``lraspp_mobilenet_v3_large`` with
 ``dilated=True`` and the *full* tail (``reduced_tail=False``, 960-ch last conv) and 21 VOC
-classes, so ``lraspp("large", num_classes=21, reduced_tail=False, weights="lraspp.pth")`` gives
-the same logits; its backbone keys ``backbone.N.*`` map to our ``backbone.features.N.*`` and its
-``classifier.*`` keys are ours unchanged.
+classes; ``lraspp("large", weights="lraspp.pth")`` reads the tail and the number of classes
+from the tensor shapes and the low tap from the key layout, and gives the same logits. Its
+backbone keys ``backbone.N.*`` map to our ``backbone.features.N.*`` and its ``classifier.*``
+keys are ours unchanged.
+
+Checkpoints of ours carry a description (``checkpoint["mnv3det"]``, see
+:attr:`LRASPP.description`): arguments left at ``None`` are taken from it, and an explicit
+argument that contradicts it is a :class:`~mnv3det.weights.CheckpointConflictError`.
 """
 
 from __future__ import annotations
@@ -40,15 +46,39 @@ from torch import Tensor, nn
 
 from heads.lraspp import PAPER_POOL_KERNEL, PAPER_POOL_STRIDE, LRASPPHead
 from mnv3det.backbone import MobileNetV3Backbone, block_configs, mobilenet_v3
-from mnv3det.weights import LoadReport, load_matching, read_state_dict
+from mnv3det.weights import (
+    DESCRIPTION_VERSION,
+    Checkpoint,
+    CheckpointFormatError,
+    LoadReport,
+    checkpoint_has_reduced_tail,
+    load_matching,
+    read_checkpoint,
+    resolve_arguments,
+    strip_prefix,
+)
 
 LOW_TAPS = ("stage3", "stage3_first")
 HIGH_TAP = "last_conv"
 _TV_BACKBONE_KEY = re.compile(r"^backbone\.(\d+)\.")
-_WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+_LRASPP_ANCHORS = ("backbone.", "classifier.")
+#: Documented defaults of :func:`lraspp` (used when neither an argument nor the checkpoint
+#: gives a value; ``low_tap`` ``None`` = automatic).
+LRASPP_DEFAULTS: dict[str, object] = {
+    "arch": "large",
+    "num_classes": 19,
+    "width_mult": 1.0,
+    "reduced_tail": True,
+    "dilated": True,
+    "pooling": "global",
+    "low_tap": None,
+    "inter_channels": 128,
+    "pool_kernel": PAPER_POOL_KERNEL,
+    "pool_stride": PAPER_POOL_STRIDE,
+}
 
 
-class WeightsFormatError(ValueError):
+class WeightsFormatError(CheckpointFormatError):
     """The checkpoint is neither a torchvision LR-ASPP nor an mnv3det LR-ASPP state_dict."""
 
 
@@ -63,16 +93,11 @@ def _stride8_block_indices(arch: str, width_mult: float) -> tuple[int, int]:
     return at_8[0], at_8[-1]
 
 
-def _normalise_keys(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], str]:
+def _normalise_keys(
+    state: Mapping[str, Tensor], name: str = "<state_dict>"
+) -> tuple[dict[str, Tensor], str]:
     """Strip wrapper prefixes and detect ``"torchvision"`` or ``"mnv3det"`` key layout."""
-    state = dict(state)
-    changed = True
-    while changed:  # e.g. a Lightning checkpoint of a DDP/compiled model: "model.module.x"
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if state and all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix) :]: v for k, v in state.items()}
-                changed = True
+    state = strip_prefix(dict(state), _LRASPP_ANCHORS)
     if any(k.startswith("backbone.features.") for k in state):
         return state, "mnv3det"
     if any(_TV_BACKBONE_KEY.match(k) for k in state):
@@ -80,7 +105,7 @@ def _normalise_keys(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], str
         return renamed, "torchvision"
     sample = ", ".join(list(state)[:5])
     raise WeightsFormatError(
-        "lraspp weights: not an LR-ASPP checkpoint (expected torchvision's keys like "
+        f"checkpoint {name} is not an LR-ASPP checkpoint (expected torchvision's keys like "
         "'backbone.0.0.weight' and 'classifier.cbr.0.weight', or mnv3det's "
         f"'backbone.features.0.0.weight'); first keys are: {sample}. For an ImageNet "
         "MobileNetV3 checkpoint use weights_backbone= instead."
@@ -130,7 +155,40 @@ class LRASPP(nn.Module):
             pool_kernel=pool_kernel,
             pool_stride=pool_stride,
         )
+        self.dilated = bool(backbone.dilated)
+        self.inter_channels = int(inter_channels)
+        self.pooling = pooling
+        self.pool_kernel = _plain_pair(pool_kernel)
+        self.pool_stride = _plain_pair(pool_stride)
         self.weights_report: LoadReport | None = None
+        self.meta: dict = {}
+        """Data facts from the checkpoint (``label_map``, ``class_names``, ``mean``, ``std``)."""
+
+    @property
+    def description(self) -> dict:
+        """Everything :func:`lraspp` needs to rebuild this model, as plain types.
+
+        Stored in checkpoints under ``"mnv3det"`` (with the data facts of :attr:`meta`); read
+        back by :func:`mnv3det.models.from_checkpoint.load_model`.
+        """
+        bb = self.backbone
+        return {
+            "version": DESCRIPTION_VERSION,
+            "task": "segmentation",
+            "builder": "lraspp",
+            "arch": bb.arch,
+            "width_mult": float(bb.width_mult),
+            "reduced_tail": bool(bb.reduced_tail),
+            "dilated": self.dilated,
+            "pooling": self.pooling,
+            "pool_kernel": list(self.pool_kernel),
+            "pool_stride": list(self.pool_stride),
+            "low_tap": self.low_tap,
+            "inter_channels": self.inter_channels,
+            "num_classes": int(self.num_classes),
+            "output_stride": int(self.output_stride),
+            **self.meta,
+        }
 
     def features(self, images: Tensor) -> dict[str, Tensor]:
         """The head's inputs ``{"low": stride-8 map, "high": last conv}``."""
@@ -170,9 +228,9 @@ class LRASPP(nn.Module):
             CheckpointMismatchError: missing keys or shape mismatches (other arch, width,
                 reduced tail or number of classes), naming the keys.
         """
-        state, name = read_state_dict(source)
-        state, fmt = _normalise_keys(state)
-        return self._load_state(state, name, fmt)
+        ckpt = read_checkpoint(source)
+        state, fmt = _normalise_keys(ckpt.state, ckpt.name)
+        return self._load_state(state, ckpt.name, fmt)
 
     def _load_state(self, state: Mapping[str, Tensor], name: str, fmt: str) -> LoadReport:
         describe = (
@@ -186,85 +244,132 @@ class LRASPP(nn.Module):
         return report
 
 
+def _plain_pair(value: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    return tuple(int(v) for v in value)  # type: ignore[return-value]
+
+
+def _infer_lraspp(
+    state: Mapping[str, Tensor], fmt: str, arch: str, width_mult: float
+) -> dict[str, object]:
+    """What the tensors say: tail, classes, and (torchvision's layout) the low tap."""
+    inferred: dict[str, object] = {
+        "reduced_tail": checkpoint_has_reduced_tail(state, arch, width_mult),
+        "low_tap": "stage3_first" if fmt == "torchvision" else "stage3",
+    }
+    low = state.get("classifier.low_classifier.weight")
+    if low is not None:
+        inferred["num_classes"] = int(low.shape[0])
+    inter = state.get("classifier.cbr.0.weight")
+    if inter is not None:
+        inferred["inter_channels"] = int(inter.shape[0])
+    if fmt == "torchvision":
+        inferred["dilated"] = True  # torchvision's builder always dilates the last stage
+    return inferred
+
+
 def lraspp(
-    arch: str = "large",
-    num_classes: int = 19,
-    width_mult: float = 1.0,
-    reduced_tail: bool = True,
-    dilated: bool = True,
-    pooling: str = "global",
-    weights: str | Path | Mapping[str, Tensor] | None = None,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    width_mult: float | None = None,
+    reduced_tail: bool | None = None,
+    dilated: bool | None = None,
+    pooling: str | None = None,
+    weights: str | Path | Mapping[str, Tensor] | Checkpoint | None = None,
     weights_backbone: str | Path | Mapping[str, Tensor] | None = None,
     *,
     low_tap: str | None = None,
-    inter_channels: int = 128,
-    pool_kernel: int | Sequence[int] = PAPER_POOL_KERNEL,
-    pool_stride: int | Sequence[int] = PAPER_POOL_STRIDE,
+    inter_channels: int | None = None,
+    pool_kernel: int | Sequence[int] | None = None,
+    pool_stride: int | Sequence[int] | None = None,
     **backbone_kwargs: Any,
 ) -> LRASPP:
     """Build LR-ASPP on MobileNetV3 (paper §6.4).
 
+    Every argument left at ``None`` is taken from ``weights`` when the checkpoint describes its
+    model (ours: ``checkpoint["mnv3det"]``; older ``.ckpt`` files: their hyper-parameters), else
+    inferred from the tensors (``reduced_tail``, ``num_classes``, ``inter_channels``; for
+    torchvision's checkpoint also ``low_tap="stage3_first"`` and ``dilated=True``), else the
+    default shown below. An explicit argument that contradicts the description raises
+    :class:`~mnv3det.weights.CheckpointConflictError` naming both values.
+
     Args:
-        arch: "large" or "small".
-        num_classes: output classes (19 for Cityscapes, 21 for torchvision's VOC-label weights).
-        width_mult: backbone width multiplier.
-        reduced_tail: halve the last stage (paper's RF2; the paper's Cityscapes models use it).
-            torchvision's LR-ASPP weights need ``False``.
-        dilated: last stage dilated, high branch at output stride 16 (paper's default); ``False``
-            taps it at stride 32 (the paper's "OS32" rows, cheaper).
-        pooling: gate pooling, ``"global"`` (torchvision) or ``"paper"`` (49x49 window, stride
-            (16, 20), clamped to the map size; see :mod:`heads.lraspp`).
+        arch: "large" (default) or "small".
+        num_classes: output classes (default 19 for Cityscapes; torchvision's VOC-label weights
+            have 21, read from them).
+        width_mult: backbone width multiplier (default 1.0).
+        reduced_tail: halve the last stage (paper's RF2, default ``True``: the paper's
+            Cityscapes models use it); read from ``weights`` when given.
+        dilated: last stage dilated, high branch at output stride 16 (default ``True``, the
+            paper's); ``False`` taps it at stride 32 (the paper's "OS32" rows, cheaper).
+        pooling: gate pooling, ``"global"`` (default, torchvision) or ``"paper"`` (49x49 window,
+            stride (16, 20), clamped to the map size; see :mod:`heads.lraspp`).
         weights: torchvision ``lraspp_mobilenet_v3_large`` checkpoint or an mnv3det LR-ASPP
-            checkpoint / Lightning checkpoint (path or state_dict).
+            checkpoint / Lightning checkpoint (path, state_dict or a read
+            :class:`~mnv3det.weights.Checkpoint`).
         weights_backbone: an ImageNet MobileNetV3 checkpoint (torchvision/timm) for the backbone
             only (ignored when ``weights`` is given).
         low_tap: ``"stage3"`` (last stride-8 block), ``"stage3_first"`` (first stride-8 block,
             torchvision's choice) or ``None`` (automatic, see the module docstring).
-        inter_channels: width of the gated branch (128 in the paper).
-        pool_kernel: paper gate window in feature cells.
-        pool_stride: paper gate stride in feature cells.
+        inter_channels: width of the gated branch (default 128, the paper's).
+        pool_kernel: paper gate window in feature cells (default 49).
+        pool_stride: paper gate stride in feature cells (default (16, 20)).
         **backbone_kwargs: passed to :func:`mnv3det.mobilenet_v3` (``norm_layer``,
             ``frozen_stages``, ``norm_eval``, ``frozen_bn``).
 
     Returns:
-        An :class:`LRASPP` module.
+        An :class:`LRASPP` module; ``model.description`` says how it was built.
 
     Raises:
         ValueError: bad ``low_tap``/``pooling``/``num_classes``.
-        WeightsFormatError, CheckpointMismatchError: ``weights`` do not fit (names the keys).
+        CheckpointNotFoundError, CheckpointReadError: ``weights`` is missing or unreadable.
+        WeightsFormatError: ``weights`` is not an LR-ASPP checkpoint.
+        CheckpointConflictError: an argument contradicts the checkpoint.
+        CheckpointMismatchError: the tensors do not fit (names the keys).
     """
-    if num_classes < 1:
-        raise ValueError(f"lraspp: num_classes must be >= 1, got {num_classes}")
-    state: dict[str, Tensor] | None = None
-    name = "<state_dict>"
-    if weights is not None:
-        raw, name = read_state_dict(weights)
-        state, fmt = _normalise_keys(raw)
-        if low_tap is None:
-            low_tap = "stage3_first" if fmt == "torchvision" else "stage3"
+    explicit = {k: v for k, v in locals().items() if k in LRASPP_DEFAULTS}
+    ckpt = read_checkpoint(weights) if weights is not None else None
+    state, fmt, inferred = None, "", {}
+    if ckpt is not None:
+        state, fmt = _normalise_keys(ckpt.state, ckpt.name)
+        described = ckpt.description
+        inferred = _infer_lraspp(
+            state,
+            fmt,
+            explicit["arch"] or described.get("arch") or LRASPP_DEFAULTS["arch"],
+            explicit["width_mult"] or described.get("width_mult") or LRASPP_DEFAULTS["width_mult"],
+        )
         weights_backbone = None
-    low_tap = low_tap or "stage3"
+    args = resolve_arguments("lraspp", explicit, ckpt, LRASPP_DEFAULTS, inferred)
+    if args["num_classes"] < 1:
+        raise ValueError(f"lraspp: num_classes must be >= 1, got {args['num_classes']}")
     backbone = mobilenet_v3(
-        arch,
-        width_mult=width_mult,
-        reduced_tail=reduced_tail,
-        dilated=dilated,
+        args["arch"],
+        width_mult=args["width_mult"],
+        reduced_tail=args["reduced_tail"],
+        dilated=args["dilated"],
         taps=["stage3", HIGH_TAP],
         weights=weights_backbone,
         **backbone_kwargs,
     )
     model = LRASPP(
         backbone,
-        num_classes,
-        low_tap=low_tap,
-        inter_channels=inter_channels,
-        pooling=pooling,
-        pool_kernel=pool_kernel,
-        pool_stride=pool_stride,
+        args["num_classes"],
+        low_tap=args["low_tap"] or "stage3",
+        inter_channels=args["inter_channels"],
+        pooling=args["pooling"],
+        pool_kernel=args["pool_kernel"],
+        pool_stride=args["pool_stride"],
     )
-    if state is not None:
-        model._load_state(state, name, fmt)
+    if ckpt is not None:
+        model.meta = {
+            k: ckpt.description[k]
+            for k in ("label_map", "class_names", "mean", "std")
+            if k in ckpt.description
+        }
+        model._load_state(state, ckpt.name, fmt)
     return model
 
 
-__all__ = ["HIGH_TAP", "LOW_TAPS", "LRASPP", "WeightsFormatError", "lraspp"]
+__all__ = ["HIGH_TAP", "LOW_TAPS", "LRASPP", "LRASPP_DEFAULTS", "WeightsFormatError", "lraspp"]

@@ -56,13 +56,50 @@ from heads.ssdlite import (
     multibox_loss,
     postprocess_detections,
 )
-from mnv3det.backbone import MobileNetV3Backbone, block_configs, mobilenet_v3
-from mnv3det.weights import LoadReport, load_matching, read_state_dict
+from mnv3det.backbone import MobileNetV3Backbone, mobilenet_v3
+from mnv3det.weights import (
+    DESCRIPTION_VERSION,
+    Checkpoint,
+    CheckpointFormatError,
+    LoadReport,
+    checkpoint_has_reduced_tail,
+    load_matching,
+    read_checkpoint,
+    resolve_arguments,
+    strip_prefix,
+)
 
-__all__ = ["SSDLite", "ssdlite", "torchvision_ssdlite_to_mnv3det"]
+__all__ = [
+    "SSDLITE_DEFAULTS",
+    "SSDLite",
+    "checkpoint_has_reduced_tail",
+    "ssdlite",
+    "torchvision_ssdlite_to_mnv3det",
+]
 
 #: Backbone taps of SSDLite (paper §6.3): C4 (expansion layer, stride 16) and C5 (stride 32).
 SSDLITE_TAPS = ("stage5_expand", "last_conv")
+#: Documented defaults of :func:`ssdlite` (used when neither an argument nor the checkpoint
+#: gives a value).
+SSDLITE_DEFAULTS: dict[str, object] = {
+    "arch": "large",
+    "num_classes": 91,
+    "size": 320,
+    "width_mult": 1.0,
+    "reduced_tail": False,
+    "score_thresh": 0.001,
+    "nms_thresh": 0.55,
+    "detections_per_img": 300,
+    "topk_candidates": 300,
+    "aspect_ratios": None,
+    "min_ratio": 0.2,
+    "max_ratio": 0.95,
+    "image_mean": (0.5, 0.5, 0.5),
+    "image_std": (0.5, 0.5, 0.5),
+}
+#: Post-processing settings an explicit argument may change on a described checkpoint.
+SSDLITE_OVERRIDABLE = ("score_thresh", "nms_thresh", "detections_per_img", "topk_candidates")
+_SSDLITE_ANCHORS = ("backbone.", "extra.", "head.")
 
 
 class InvalidTargetError(ValueError):
@@ -130,6 +167,10 @@ class SSDLite(nn.Module):
             raise ValueError(
                 f"ssdlite: aspect_ratios needs {len(in_channels)} levels, got {len(ratios)}"
             )
+        self.width_mult = width_mult
+        self.aspect_ratios = [[float(r) for r in level] for level in ratios]
+        self.min_ratio = min_ratio
+        self.max_ratio = max_ratio
         self.anchor_generator = DefaultBoxGenerator(ratios, min_ratio, max_ratio)
         self.head = SSDLiteHead(
             in_channels, self.anchor_generator.num_anchors_per_location(), num_classes, norm_layer
@@ -147,6 +188,39 @@ class SSDLite(nn.Module):
         )
         self.register_buffer("image_std", torch.tensor(image_std).view(-1, 1, 1), persistent=False)
         self.weights_report: LoadReport | None = None
+        self.meta: dict = {}
+        """Data facts from the checkpoint (``task``, ``label_map``, ``class_names``)."""
+
+    @property
+    def description(self) -> dict:
+        """Everything :func:`ssdlite` needs to rebuild this model, as plain types.
+
+        Stored in checkpoints under ``"mnv3det"`` (with the data module's ``label_map`` and
+        ``class_names``, kept in :attr:`meta`); read back by
+        :func:`mnv3det.models.from_checkpoint.load_model`.
+        """
+        bb = self.backbone
+        return {
+            "version": DESCRIPTION_VERSION,
+            "task": "detection",
+            "builder": "ssdlite",
+            "arch": bb.arch,
+            "width_mult": float(bb.width_mult),
+            "reduced_tail": bool(bb.reduced_tail),
+            "dilated": bool(bb.dilated),
+            "size": list(self.size) if self.size[0] != self.size[1] else self.size[0],
+            "num_classes": int(self.num_classes),
+            "aspect_ratios": [list(level) for level in self.aspect_ratios],
+            "min_ratio": float(self.min_ratio),
+            "max_ratio": float(self.max_ratio),
+            "score_thresh": float(self.score_thresh),
+            "nms_thresh": float(self.nms_thresh),
+            "detections_per_img": int(self.detections_per_img),
+            "topk_candidates": int(self.topk_candidates),
+            "image_mean": [float(v) for v in self.image_mean.flatten()],
+            "image_std": [float(v) for v in self.image_std.flatten()],
+            **self.meta,
+        }
 
     # ------------------------------------------------------------------ input
     def preprocess(
@@ -304,18 +378,19 @@ class SSDLite(nn.Module):
         Raises:
             CheckpointMismatchError: the checkpoint is another variant (keys/shapes named).
         """
-        return self.load_state(*read_state_dict(source))
+        ckpt = read_checkpoint(source)
+        return self.load_state(ckpt.state, ckpt.name)
 
     def load_state(self, state: Mapping[str, Tensor], name: str = "<state_dict>") -> LoadReport:
-        """:meth:`load_weights` for a state_dict already read (``name`` is used in messages)."""
-        fmt = "mnv3det"
-        # A DetectionTask checkpoint: its EMA weights when it has them (those are the evaluated
-        # ones), else the trained weights.
-        for prefix, kind in (("ema.module.", "mnv3det EMA"), ("model.", "mnv3det")):
-            if any(k.startswith(prefix + "backbone.") for k in state):
-                state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-                fmt = kind
-                break
+        """:meth:`load_weights` for a state_dict already read (``name`` is used in messages).
+
+        A DetectionTask checkpoint gives its EMA weights when it has them (those are the
+        evaluated ones), else the trained weights (:func:`mnv3det.weights.strip_prefix`).
+        """
+        fmt = (
+            "mnv3det EMA" if any(k.startswith("ema.module.backbone.") for k in state) else "mnv3det"
+        )
+        state = _ssdlite_state(state, name)
         if any(k.startswith("backbone.extra.") for k in state):
             state, fmt = torchvision_ssdlite_to_mnv3det(state), "torchvision"
         report = load_matching(self, state, name, fmt, describe=self.describe())
@@ -330,6 +405,30 @@ class SSDLite(nn.Module):
             f"ssdlite({bb.arch!r}, num_classes={self.num_classes}, width_mult={bb.width_mult}, "
             f"reduced_tail={bb.reduced_tail})"
         )
+
+
+def _ssdlite_state(state: Mapping[str, Tensor], name: str) -> dict[str, Tensor]:
+    """Our keys from any SSDLite checkpoint; CheckpointFormatError for another network's."""
+    state = strip_prefix(dict(state), _SSDLITE_ANCHORS)
+    if not any(k.startswith("head.classification_head.") for k in state):
+        sample = ", ".join(list(state)[:4])
+        raise CheckpointFormatError(
+            f"checkpoint {name} is not an SSDLite checkpoint: expected keys like "
+            "'backbone.features.0.0.weight' and 'head.classification_head...' (torchvision's "
+            f"ssdlite320_mobilenet_v3_large, ours or a DetectionTask .ckpt); first keys: {sample}"
+        )
+    return state
+
+
+def _infer_ssdlite(state: Mapping[str, Tensor], arch: str, width_mult: float) -> dict:
+    """What the tensors say: the tail and (for the default 6 boxes per cell) the classes."""
+    inferred: dict[str, object] = {
+        "reduced_tail": checkpoint_has_reduced_tail(state, arch, width_mult)
+    }
+    cls = state.get("head.classification_head.module_list.0.1.weight")
+    if cls is not None and cls.shape[0] % 6 == 0:
+        inferred["num_classes"] = int(cls.shape[0]) // 6
+    return inferred
 
 
 _TV_C4 = re.compile(r"^backbone\.features\.0\.(\d+)\.")
@@ -374,23 +473,6 @@ def torchvision_ssdlite_to_mnv3det(state: Mapping[str, Tensor]) -> dict[str, Ten
     return out
 
 
-def checkpoint_has_reduced_tail(state: Mapping[str, Tensor], arch: str, width_mult: float) -> bool:
-    """Whether a detector checkpoint was trained with the reduced tail (RF2).
-
-    Looks among the tensor shapes for the reduced-tail projection of the first stride-32 block
-    and the reduced-tail last 1x1 conv (Large x1.0: ``(80, 672, 1, 1)`` and ``(480, 80, 1, 1)``;
-    a full tail has neither), so it works for torchvision's keys, ours and Lightning
-    checkpoints alike.
-    """
-    _, blocks, last_conv, _ = block_configs(arch, width_mult, reduced_tail=True)
-    first_tail = next(b for b in reversed(blocks) if b.stride == 2)
-    wanted = {
-        (first_tail.out_channels, first_tail.expanded, 1, 1),
-        (last_conv, blocks[-1].out_channels, 1, 1),
-    }
-    return wanted <= {tuple(v.shape) for v in state.values()}
-
-
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(size, int):
         return (size, size)
@@ -401,82 +483,111 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
 
 
 def ssdlite(
-    arch: str = "large",
-    num_classes: int = 91,
-    size: int | tuple[int, int] = 320,
-    width_mult: float = 1.0,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    size: int | tuple[int, int] | None = None,
+    width_mult: float | None = None,
     reduced_tail: bool | None = None,
-    weights: str | Path | Mapping[str, Tensor] | None = None,
+    weights: str | Path | Mapping[str, Tensor] | Checkpoint | None = None,
     weights_backbone: str | Path | Mapping[str, Tensor] | None = None,
-    score_thresh: float = 0.001,
-    nms_thresh: float = 0.55,
-    detections_per_img: int = 300,
-    topk_candidates: int = 300,
+    score_thresh: float | None = None,
+    nms_thresh: float | None = None,
+    detections_per_img: int | None = None,
+    topk_candidates: int | None = None,
     *,
     aspect_ratios: Sequence[Sequence[float]] | None = None,
-    min_ratio: float = 0.2,
-    max_ratio: float = 0.95,
-    image_mean: Sequence[float] = (0.5, 0.5, 0.5),
-    image_std: Sequence[float] = (0.5, 0.5, 0.5),
+    min_ratio: float | None = None,
+    max_ratio: float | None = None,
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
 ) -> SSDLite:
     """Build SSDLite-MobileNetV3 (paper §6.3).
 
+    Every argument left at ``None`` is taken from ``weights`` when the checkpoint describes its
+    model (our ``.pt``/``.ckpt`` files store ``checkpoint["mnv3det"]``; older ``.ckpt`` files
+    their hyper-parameters), else inferred from the tensors where possible (``reduced_tail``,
+    ``num_classes``), else the default shown below. An explicit argument that contradicts the
+    checkpoint's description raises :class:`~mnv3det.weights.CheckpointConflictError` naming
+    both values (the post-processing settings ``score_thresh``, ``nms_thresh``,
+    ``detections_per_img`` and ``topk_candidates`` may be changed).
+
     Args:
-        arch: "large" or "small".
-        num_classes: classes including background (COCO in torchvision's layout: 91).
-        size: network input side (torchvision: 320); 512, 640 or ``(H, W)`` work too, the default
-            boxes follow the feature-map sizes.
-        width_mult: width multiplier of the backbone and the extra blocks.
-        reduced_tail: halve the last stage (paper's "†"/RF2). ``None`` (default): read it from
-            ``weights`` when given (torchvision's published COCO checkpoint is reduced-tail, see
-            the module docstring), else ``False``. Use ``False`` with an ImageNet
-            ``weights_backbone`` (torchvision's builder does the same).
+        arch: "large" (default) or "small".
+        num_classes: classes including background (default 91: COCO in torchvision's layout).
+        size: network input side (default 320, torchvision's); 512, 640 or ``(H, W)`` work too,
+            the default boxes follow the feature-map sizes.
+        width_mult: width multiplier of the backbone and the extra blocks (default 1.0).
+        reduced_tail: halve the last stage (paper's "†"/RF2). Default: read from ``weights``
+            (torchvision's published COCO checkpoint is reduced-tail, see the module
+            docstring), else ``False``. Use ``False`` with an ImageNet ``weights_backbone``
+            (torchvision's builder does the same).
         weights: whole-detector checkpoint: torchvision's ``ssdlite320_mobilenet_v3_large`` file
-            or state_dict, one of ours, or a DetectionTask ``.ckpt``.
+            or state_dict, one of ours, a DetectionTask ``.ckpt`` or a read
+            :class:`~mnv3det.weights.Checkpoint`.
         weights_backbone: MobileNetV3 ImageNet checkpoint for the backbone (torchvision or timm;
             see :mod:`mnv3det.weights`). Ignored keys (classifier) are reported.
-        score_thresh: minimum score (torchvision 0.001).
-        nms_thresh: NMS IoU (torchvision 0.55).
-        detections_per_img: detections per image (torchvision 300).
-        topk_candidates: candidates per class before NMS (torchvision 300).
+        score_thresh: minimum score (default 0.001, torchvision's).
+        nms_thresh: NMS IoU (default 0.55).
+        detections_per_img: detections per image (default 300).
+        topk_candidates: candidates per class before NMS (default 300).
         aspect_ratios: per level aspect ratios (default ``[2, 3]`` at 6 levels).
-        min_ratio: smallest default-box scale (0.2).
-        max_ratio: largest default-box scale (0.95).
-        image_mean: normalisation mean (0.5).
-        image_std: normalisation std (0.5).
+        min_ratio: smallest default-box scale (default 0.2).
+        max_ratio: largest default-box scale (default 0.95).
+        image_mean: normalisation mean (default 0.5).
+        image_std: normalisation std (default 0.5).
 
     Returns:
-        An :class:`SSDLite` module (train mode: losses; eval mode: detections).
+        An :class:`SSDLite` module (train mode: losses; eval mode: detections);
+        ``model.description`` says how it was built.
+
+    Raises:
+        CheckpointNotFoundError, CheckpointReadError: ``weights`` is missing or unreadable.
+        CheckpointFormatError: ``weights`` is not an SSDLite checkpoint.
+        CheckpointConflictError: an argument contradicts the checkpoint.
+        CheckpointMismatchError: the tensors do not fit the model (keys and shapes named).
     """
-    # The checkpoint is read once, here: for the tail inference and for loading.
-    state, name = read_state_dict(weights) if weights is not None else (None, "")
-    if reduced_tail is None:
-        reduced_tail = state is not None and checkpoint_has_reduced_tail(state, arch, width_mult)
+    explicit = {k: v for k, v in locals().items() if k in SSDLITE_DEFAULTS}
+    ckpt = read_checkpoint(weights) if weights is not None else None
+    state, inferred = None, {}
+    if ckpt is not None:
+        state = _ssdlite_state(ckpt.state, ckpt.name)
+        described = ckpt.description
+        inferred = _infer_ssdlite(
+            state,
+            explicit["arch"] or described.get("arch") or SSDLITE_DEFAULTS["arch"],
+            explicit["width_mult"] or described.get("width_mult") or SSDLITE_DEFAULTS["width_mult"],
+        )
+    args = resolve_arguments(
+        "ssdlite", explicit, ckpt, SSDLITE_DEFAULTS, inferred, overridable=SSDLITE_OVERRIDABLE
+    )
     norm_layer = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
     backbone = mobilenet_v3(
-        arch,
-        width_mult=width_mult,
-        reduced_tail=reduced_tail,
+        args["arch"],
+        width_mult=args["width_mult"],
+        reduced_tail=args["reduced_tail"],
         taps=list(SSDLITE_TAPS),
-        weights=weights_backbone,
+        weights=weights_backbone if ckpt is None else None,
         norm_layer=norm_layer,
     )
     model = SSDLite(
         backbone,
-        num_classes=num_classes,
-        size=size,
-        width_mult=width_mult,
-        aspect_ratios=aspect_ratios,
-        min_ratio=min_ratio,
-        max_ratio=max_ratio,
-        score_thresh=score_thresh,
-        nms_thresh=nms_thresh,
-        detections_per_img=detections_per_img,
-        topk_candidates=topk_candidates,
-        image_mean=image_mean,
-        image_std=image_std,
+        num_classes=args["num_classes"],
+        size=tuple(args["size"]) if isinstance(args["size"], list) else args["size"],
+        width_mult=args["width_mult"],
+        aspect_ratios=args["aspect_ratios"],
+        min_ratio=args["min_ratio"],
+        max_ratio=args["max_ratio"],
+        score_thresh=args["score_thresh"],
+        nms_thresh=args["nms_thresh"],
+        detections_per_img=args["detections_per_img"],
+        topk_candidates=args["topk_candidates"],
+        image_mean=args["image_mean"],
+        image_std=args["image_std"],
         norm_layer=norm_layer,
     )
-    if state is not None:
-        model.load_state(state, name)
+    if ckpt is not None:
+        model.meta = {
+            k: ckpt.description[k] for k in ("label_map", "class_names") if k in ckpt.description
+        }
+        model.load_state(state, ckpt.name)
     return model
