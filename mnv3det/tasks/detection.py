@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from mnv3det.metrics.coco import STAT_NAMES, CocoMetric
 from mnv3det.models.ssdlite import SSDLite, ssdlite
 from mnv3det.tasks.checkpoints import make_checkpoint_safe
+from mnv3det.tasks.description import datamodule_facts, describe_in_checkpoint
 from mnv3det.tasks.optim import make_ema, set_bn_momentum, sgd_with_schedule
 
 __all__ = ["DetectionTask"]
@@ -145,7 +145,15 @@ class DetectionTask(L.LightningModule):
             raise ValueError(
                 f"DetectionTask: model.num_classes={self.hparams.num_classes} but the data "
                 f"module has {classes} classes (background included; label_map="
-                f"{getattr(dm, 'label_map', '?')!r}); set model.init_args.num_classes: {classes}"
+                f"{getattr(dm, 'label_map', '?')!r}); set model.init_args.num_classes: {classes}, "
+                "or (with --ckpt_path) the data.label_map the checkpoint was trained with"
+            )
+        data_size = getattr(dm, "size", None) if dm is not None else None
+        if isinstance(data_size, int) and data_size != self.hparams.size:
+            raise ValueError(
+                f"DetectionTask: model.size={self.hparams.size} (with --ckpt_path: the size the "
+                f"checkpoint was trained with) but data.size={data_size}; pass --data.size "
+                f"{self.hparams.size}"
             )
 
     # -------------------------------------------------------------- training
@@ -252,20 +260,23 @@ class DetectionTask(L.LightningModule):
             out.append(item)
         return out
 
+    def model_description(self) -> dict[str, Any]:
+        """The model's description plus the data module's ``label_map`` and ``class_names``."""
+        return {**self.model.description, **datamodule_facts(self, self.model.num_classes)}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Keep the .ckpt loadable with torch.load(weights_only=True) (mnv3det.weights refuses
-        # anything else): hyper-parameters may hold Paths (e.g. the data module's root).
+        # anything else): hyper-parameters may hold Paths (e.g. the data module's root). Store
+        # the model description (load_model rebuilds the exact model from it).
         make_checkpoint_safe(checkpoint)
+        describe_in_checkpoint(checkpoint, self, self.model_description())
 
     @classmethod
     def weights_from_checkpoint(cls, path: str | Path) -> SSDLite:
-        """Rebuild the SSDLite of a DetectionTask checkpoint (EMA weights when it has them)."""
-        from mnv3det.weights import read_state_dict
+        """Rebuild the SSDLite of a DetectionTask checkpoint (EMA weights when it has them).
 
-        state, _ = read_state_dict(path)
-        hparams = torch.load(path, map_location="cpu", weights_only=True).get(
-            "hyper_parameters", {}
-        )
-        keys = ("arch", "num_classes", "size", "width_mult", "reduced_tail")
-        kwargs = {k: hparams[k] for k in keys if k in hparams}
-        return ssdlite(**kwargs, weights=state)
+        An alias of :func:`mnv3det.models.from_checkpoint.load_model` (eval mode).
+        """
+        from mnv3det.models.from_checkpoint import load_model
+
+        return load_model(path, builder="ssdlite")

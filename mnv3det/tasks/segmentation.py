@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from mnv3det.data.cityscapes_labels import CLASS_NAMES, IGNORE_INDEX
+from mnv3det.data.cityscapes_labels import CLASS_NAMES, IGNORE_INDEX, TRAINID_TO_ID
 from mnv3det.metrics.segmentation import (
     SegmentationMetrics,
     format_iou_table,
@@ -39,6 +39,7 @@ from mnv3det.metrics.segmentation import (
 )
 from mnv3det.models.lraspp import lraspp
 from mnv3det.tasks.checkpoints import make_checkpoint_safe
+from mnv3det.tasks.description import datamodule_facts, describe_in_checkpoint
 from mnv3det.tasks.optim import set_bn_momentum, sgd_with_schedule
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -215,9 +216,22 @@ class SegmentationTask(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
         return loss
 
+    def model_description(self) -> dict[str, Any]:
+        """The model's description plus class names, label map (train id -> Cityscapes label
+        id for the 19 Cityscapes classes) and the input normalisation."""
+        facts: dict[str, Any] = {"class_names": list(self.class_names)}
+        if tuple(self.class_names) == CLASS_NAMES:
+            facts["label_map"] = {i: int(v) for i, v in enumerate(TRAINID_TO_ID.tolist())}
+        facts.update(datamodule_facts(self, self.num_classes))
+        facts["mean"] = [float(v) for v in self.hparams.mean]
+        facts["std"] = [float(v) for v in self.hparams.std]
+        return {**self.model.description, **facts}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Keep the .ckpt loadable with weights_only=True (lraspp(weights=...), mnv3det export).
+        # Keep the .ckpt loadable with weights_only=True (lraspp(weights=...), mnv3det export)
+        # and store the model description (load_model rebuilds the exact model from it).
         make_checkpoint_safe(checkpoint)
+        describe_in_checkpoint(checkpoint, self, self.model_description())
 
     def configure_optimizers(self) -> dict:
         total = int(self.trainer.estimated_stepping_batches)
