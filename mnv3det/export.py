@@ -169,55 +169,72 @@ def export_lraspp(
 
 # ----------------------------------------------------------------------------- CLI
 def build_model(args: argparse.Namespace) -> nn.Module:
-    """The model an ``export``/``benchmark`` command line describes (weights loaded)."""
-    import mnv3det
+    """The model an ``export``/``benchmark`` command line describes (weights loaded).
 
-    if args.weights is not None and not Path(args.weights).is_file():
-        raise FileNotFoundError(f"--weights {args.weights}: no such file")
+    With ``--weights`` the model is rebuilt from the checkpoint by
+    :func:`mnv3det.models.from_checkpoint.load_model` (its description or, for torchvision's
+    files, the tensor shapes give every setting); options given on the command line must agree
+    with it. Without weights the builders' defaults apply.
+    """
+    from mnv3det.models.from_checkpoint import load_model
+
+    options = {
+        "arch": getattr(args, "arch", None),
+        "num_classes": getattr(args, "num_classes", None),
+        "width_mult": getattr(args, "width_mult", None),
+        "reduced_tail": getattr(args, "reduced_tail", None),
+    }
     if args.model == "ssdlite":
-        return mnv3det.ssdlite(
-            args.arch,
-            num_classes=args.num_classes or 91,
-            size=args.size or 320,
-            width_mult=args.width_mult,
-            reduced_tail=args.reduced_tail,
-            weights=args.weights,
-        ).eval()
-    return mnv3det.lraspp(
-        args.arch,
-        num_classes=args.num_classes or 19,
-        width_mult=args.width_mult,
-        reduced_tail=args.reduced_tail,
-        weights=args.weights,
-    ).eval()
+        options["size"] = getattr(args, "size", None)
+    if args.weights is not None:
+        return load_model(args.weights, builder=args.model, **options)
+    options = {k: v for k, v in options.items() if v is not None}
+    if args.model == "ssdlite":
+        from mnv3det.models.ssdlite import ssdlite
+
+        return ssdlite(**options).eval()
+    from mnv3det.models.lraspp import lraspp
+
+    return lraspp(**options).eval()
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments that pick and build a model (shared with ``mnv3det benchmark``)."""
     parser.add_argument("--model", choices=("ssdlite", "lraspp"), required=True)
-    parser.add_argument("--arch", choices=("large", "small"), default="large")
     parser.add_argument(
-        "--num-classes", type=int, default=None, help="with background for SSDLite (91 / 19)"
+        "--arch", choices=("large", "small"), default=None, help="default: checkpoint's, or large"
     )
-    parser.add_argument("--width-mult", type=float, default=1.0)
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="with background for SSDLite (default: checkpoint's, or 91 / 19)",
+    )
+    parser.add_argument(
+        "--width-mult", type=float, default=None, help="default: checkpoint's, or 1.0"
+    )
     parser.add_argument(
         "--reduced-tail",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="halve the last stage (default: LR-ASPP True; SSDLite read from --weights, else False)",
+        help="halve the last stage (default: read from --weights, else LR-ASPP True, SSDLite "
+        "False)",
     )
-    parser.add_argument("--size", type=int, default=None, help="SSDLite input side (320)")
+    parser.add_argument(
+        "--size", type=int, default=None, help="SSDLite input side (default: checkpoint's, or 320)"
+    )
     parser.add_argument(
         "--weights",
+        "--checkpoint",
+        dest="weights",
         default=None,
-        help="checkpoint: torchvision's, an mnv3det state_dict or a Lightning .ckpt",
+        help="checkpoint: torchvision's, an mnv3det weights file or a Lightning .ckpt; the model "
+        "is rebuilt from it (architecture, size, classes)",
     )
 
 
 def _fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    if args.reduced_tail is None and args.model == "lraspp":
-        args.reduced_tail = True  # SSDLite: None lets mnv3det.ssdlite read it from the weights
-    return args
+    return args  # the builders (and the checkpoint's description) fill in what is not given
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -267,7 +284,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 detections_per_img=args.detections_per_img,
             )
         else:
-            export_lraspp(model, output, fuse=not args.no_fuse)
+            meta = getattr(model, "meta", {})
+            export_lraspp(
+                model,
+                output,
+                fuse=not args.no_fuse,
+                mean=tuple(meta.get("mean", IMAGENET_MEAN)),
+                std=tuple(meta.get("std", IMAGENET_STD)),
+            )
         print(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB)")
         if args.check:
             print(check_onnx(model, output, args.model))

@@ -312,22 +312,24 @@ def detection_accuracy(
     workdir: str | Path,
     weights: str | Path | None = None,
     train_steps: int = 300,
-    size: int = 320,
+    size: int | None = None,
     calib: int = 300,
     batch_size: int = 16,
-    arch: str = "large",
-    width_mult: float = 1.0,
-    reduced_tail: bool = False,
+    arch: str | None = None,
+    width_mult: float | None = None,
+    reduced_tail: bool | None = None,
     detections_per_img: int = 300,
     float_prediction_layers: bool = False,
     log=print,
 ) -> dict[str, dict[str, float]]:
     """AP / AP50 of SSDLite on a COCO-format data set: PyTorch, ONNX fp32, ONNX int8.
 
-    The model is ``ssdlite(arch, size=size, ...)`` with the data set's classes, loaded from
-    ``weights`` or trained for ``train_steps`` on the training split; int8 is calibrated on up to
-    ``calib`` training images; all three are evaluated on the validation split with
-    :class:`mnv3det.metrics.coco.CocoMetric`.
+    The model is rebuilt from ``weights`` by
+    :func:`mnv3det.models.from_checkpoint.load_model` (``arch``, ``size`` ... left at ``None``
+    come from the checkpoint) or is ``ssdlite(arch, size=size, ...)`` (defaults large, 320)
+    with the data set's classes trained for ``train_steps`` on the training split; int8 is
+    calibrated on up to ``calib`` training images; all three are evaluated on the validation
+    split with :class:`mnv3det.metrics.coco.CocoMetric`.
     """
     import torch
 
@@ -335,22 +337,41 @@ def detection_accuracy(
     from mnv3det.deploy import dense_to_list
     from mnv3det.export import export_ssdlite
     from mnv3det.metrics.coco import CocoMetric
+    from mnv3det.models.from_checkpoint import load_model, save_model
     from mnv3det.tasks.detection_data import CocoDataModule
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    model = None
+    if weights is not None:
+        model = load_model(
+            weights,
+            builder="ssdlite",
+            arch=arch,
+            size=size,
+            width_mult=width_mult,
+            reduced_tail=reduced_tail,
+            detections_per_img=detections_per_img,
+        )
+        size = model.size[0]
+    size = size or 320
     data = CocoDataModule(root, size=size, batch_size=batch_size, num_workers=0, seed=0)
     data.setup("fit")
     torch.manual_seed(0)
-    model = mnv3det.ssdlite(
-        arch,
-        num_classes=data.num_classes,
-        size=size,
-        width_mult=width_mult,
-        reduced_tail=reduced_tail,
-        detections_per_img=detections_per_img,
-        weights=weights,
-    )
+    if model is None:
+        model = mnv3det.ssdlite(
+            arch,
+            num_classes=data.num_classes,
+            size=size,
+            width_mult=width_mult,
+            reduced_tail=reduced_tail,
+            detections_per_img=detections_per_img,
+        )
+    elif model.num_classes != data.num_classes:
+        raise ValueError(
+            f"--weights {weights}: the checkpoint has {model.num_classes} classes but the data "
+            f"set at {root} has {data.num_classes}"
+        )
     if weights is None:
 
         def loss_fn(m, batch):
@@ -359,7 +380,12 @@ def detection_accuracy(
             return sum(losses.values())
 
         _train_briefly(model, data.train_dataloader(), train_steps, 0.05, loss_fn, log)
-        torch.save(model.state_dict(), workdir / "ssdlite_demo.pt")
+        save_model(
+            model,
+            workdir / "ssdlite_demo.pt",
+            label_map=data.label_to_cat_id,
+            class_names=data.class_names,
+        )
     model.eval()
     fp32 = export_ssdlite(model, workdir / "ssdlite_demo.onnx")
     images = calibration_images("ssdlite", root, calib, split=data.train_split)
@@ -398,15 +424,16 @@ def segmentation_accuracy(
     calib: int = 300,
     batch_size: int = 8,
     crop: tuple[int, int] = (256, 256),
-    arch: str = "large",
-    width_mult: float = 1.0,
-    reduced_tail: bool = True,
+    arch: str | None = None,
+    width_mult: float | None = None,
+    reduced_tail: bool | None = None,
     log=print,
 ) -> dict[str, dict[str, float]]:
     """mIoU of LR-ASPP (19 classes) on a Cityscapes-format data set: PyTorch, ONNX fp32/int8.
 
     Same protocol as :func:`detection_accuracy`; :class:`mnv3det.metrics.segmentation.
-    SegmentationMetrics` on the full-size validation images.
+    SegmentationMetrics` on the full-size validation images; ``weights`` are read by
+    :func:`mnv3det.models.from_checkpoint.load_model`.
     """
     import torch
     import torch.nn.functional as F
@@ -423,9 +450,21 @@ def segmentation_accuracy(
         root, crop_size=crop, batch_size=batch_size, num_workers=0, pin_memory=False
     )
     torch.manual_seed(0)
-    model = mnv3det.lraspp(
-        arch, num_classes=19, width_mult=width_mult, reduced_tail=reduced_tail, weights=weights
-    )
+    if weights is not None:
+        from mnv3det.models.from_checkpoint import load_model
+
+        model = load_model(
+            weights,
+            builder="lraspp",
+            arch=arch,
+            num_classes=19,
+            width_mult=width_mult,
+            reduced_tail=reduced_tail,
+        )
+    else:
+        model = mnv3det.lraspp(
+            arch, num_classes=19, width_mult=width_mult, reduced_tail=reduced_tail
+        )
     deploy = SegmenterDeploy(model)  # normalisation + model (shares the model's parameters)
     if weights is None:
 
@@ -436,7 +475,9 @@ def segmentation_accuracy(
             )
 
         _train_briefly(model, data.train_dataloader(), train_steps, 0.02, loss_fn, log)
-        torch.save(model.state_dict(), workdir / "lraspp_demo.pt")
+        from mnv3det.models.from_checkpoint import save_model
+
+        save_model(model, workdir / "lraspp_demo.pt")
     model.eval()
     fp32 = export_lraspp(model, workdir / "lraspp_demo.onnx")
     images = calibration_images("lraspp", root, calib, split=data.train_split)
@@ -476,15 +517,19 @@ def main(argv=None) -> int:
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--calib-images", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=None, help="training batch (16 / 8)")
-    parser.add_argument("--arch", choices=("large", "small"), default="large")
-    parser.add_argument("--width-mult", type=float, default=1.0)
+    parser.add_argument(
+        "--arch", choices=("large", "small"), default=None, help="checkpoint's, or large"
+    )
+    parser.add_argument("--width-mult", type=float, default=None, help="checkpoint's, or 1.0")
     parser.add_argument(
         "--reduced-tail",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="default: False for SSDLite, True for LR-ASPP",
+        help="default: read from --weights, else False for SSDLite, True for LR-ASPP",
     )
-    parser.add_argument("--size", type=int, default=320, help="SSDLite input side")
+    parser.add_argument(
+        "--size", type=int, default=None, help="SSDLite input side (checkpoint's, or 320)"
+    )
     parser.add_argument("--detections-per-img", type=int, default=300)
     parser.add_argument(
         "--float-prediction-layers",
