@@ -74,12 +74,12 @@ def torchvision_model(kind: str) -> nn.Module:
 
 
 def our_model(kind: str, state: dict[str, Tensor]) -> nn.Module:
-    """Ours with torchvision's weights (reduced tail for SSDLite: torchvision's default build)."""
-    import mnv3det
+    """Ours with torchvision's weights, rebuilt by
+    :func:`mnv3det.models.from_checkpoint.load_model` (it reads the tail and the classes from
+    the tensors: reduced tail and 91 classes for SSDLite, full tail and 21 for LR-ASPP)."""
+    from mnv3det.models.from_checkpoint import load_model
 
-    if kind == "ssdlite":
-        return mnv3det.ssdlite("large", num_classes=91, reduced_tail=True, weights=state).eval()
-    return mnv3det.lraspp("large", num_classes=21, reduced_tail=False, weights=state).eval()
+    return load_model(state, builder=kind)
 
 
 class _SSDLiteNetwork(nn.Module):
@@ -146,7 +146,9 @@ def _runner(spec: dict) -> tuple[Callable, list[tuple[str, Callable]]]:
 
         return e2e, stages
 
-    state = torch.load(spec["weights"], weights_only=True)
+    from mnv3det.weights import read_state_dict
+
+    state, _ = read_state_dict(spec["weights"])
     if config == "torchvision":
         model = torchvision_model(kind)
         model.load_state_dict(state)

@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from torchvision.models.segmentation import lraspp_mobilenet_v3_large
 
     import mnv3det
+    from mnv3det.models.from_checkpoint import load_model
 
     torch.manual_seed(0)
     tv = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=21)
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "lraspp_mobilenet_v3_large.pth"
         torch.save(tv.state_dict(), path)
-        ours = mnv3det.lraspp("large", num_classes=21, reduced_tail=False, weights=path)
+        ours = load_model(path, builder="lraspp")  # full tail, 21 classes: from the tensors
 
     def tv_forward(x: torch.Tensor) -> torch.Tensor:
         return tv(x)["out"]

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from mnv3det.models.from_checkpoint import load_model
 from mnv3det.testing import randomize_weights
 
 
@@ -50,8 +51,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 
-    import mnv3det
-
     tv = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)  # reduced tail
     if args.weights is not None:
         from mnv3det.weights import read_state_dict
@@ -60,9 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         randomize_weights(tv)
     tv.eval()
-    ours = mnv3det.ssdlite(
-        "large", num_classes=91, reduced_tail=True, weights=tv.state_dict()
-    ).eval()
+    ours = load_model(tv.state_dict(), builder="ssdlite")  # reduced tail, 91 classes: inferred
     models = {"torchvision": tv, "mnv3det": ours}
 
     h, w = args.image_size
