@@ -68,7 +68,3 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(rest) or 0)
     print(f"mnv3det: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

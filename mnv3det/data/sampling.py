@@ -11,10 +11,12 @@ of DataLoader workers and wherever the run was stopped:
   augmentation depends on nothing else: not on the worker that loads it, nor on how many images
   that worker loaded before.
 * :class:`ResumableDataLoader` counts the batches it has handed to the training loop and
-  implements ``state_dict`` / ``load_state_dict``. Lightning stores that state in every
-  checkpoint (``loops.fit_loop.state_dict.combined_loader``) and gives it back on resume, and the
-  sampler then skips the batches already trained on (mid-epoch checkpoints) or moves on to the
-  next epoch (end-of-epoch checkpoints).
+  implements ``state_dict`` / ``load_state_dict``; on resume the sampler then skips the batches
+  already trained on (mid-epoch checkpoints) or moves on to the next epoch (end-of-epoch
+  checkpoints). The data modules keep that state in the checkpoint through
+  :class:`ResumableTrainData` (Lightning's own loader-state restore comes too late when the
+  optimiser schedule asks for ``estimated_stepping_batches``, which builds the loader before
+  the training state is restored).
 * The sampler's seed is stored in that state, so a resumed run keeps its order and
   augmentations even when the global seed is not set.
 
@@ -37,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 __all__ = [
     "ResumableDataLoader",
     "ResumableSampler",
+    "ResumableTrainData",
     "default_seed",
     "reseed_transforms",
     "resumable_loader",
@@ -162,6 +165,43 @@ class ResumableDataLoader(DataLoader):
             sampler.set_epoch(int(state["epoch"]))
             sampler.skip = int(state["batches"]) * (self.batch_size or 1)
         self._batches = sampler.skip // (self.batch_size or 1)
+
+
+class ResumableTrainData:
+    """Mixin for data modules: checkpoint the training loader's position.
+
+    Lightning saves ``datamodule.state_dict()`` in every checkpoint and calls
+    ``load_state_dict`` before any DataLoader is built on resume; the state is applied to the
+    next training loader made by :meth:`make_train_loader`.
+    """
+
+    _train_loader: ResumableDataLoader | None = None
+    _pending_loader_state: dict[str, int] | None = None
+
+    def make_train_loader(
+        self, dataset: Dataset, batch_size: int, seed: int, **kwargs: Any
+    ) -> ResumableDataLoader:
+        """A shuffled :class:`ResumableDataLoader` at the checkpointed position, if any."""
+        loader = resumable_loader(dataset, batch_size, seed=seed, **kwargs)
+        if self._pending_loader_state is not None:
+            loader.load_state_dict(self._pending_loader_state)
+            self._pending_loader_state = None
+        self._train_loader = loader
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"train_loader": ...}`` once training has started (Lightning checkpoint hook)."""
+        return (
+            {} if self._train_loader is None else {"train_loader": self._train_loader.state_dict()}
+        )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the loader position of a checkpoint for the next training loader."""
+        state = state_dict.get("train_loader")
+        if state is not None and self._train_loader is not None:
+            self._train_loader.load_state_dict(state)
+        else:
+            self._pending_loader_state = state
 
 
 def resumable_loader(

@@ -167,7 +167,10 @@ class DetectionTask(L.LightningModule):
         self.log("train/classification", losses["classification"], batch_size=n)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # The EMA follows every optimiser step here, not in on_train_batch_end: that hook runs
+        # after the callbacks', so a checkpoint saved mid-epoch would miss one EMA update.
         if self.ema is not None:
             self.ema.update_parameters(self.model)
 

@@ -31,7 +31,7 @@ from mnv3det.data.coco import (
     collate_detection,
 )
 from mnv3det.data.detection_transforms import eval_transforms, train_transforms
-from mnv3det.data.sampling import default_seed, resumable_loader
+from mnv3det.data.sampling import ResumableTrainData, default_seed
 from mnv3det.data.seeding import seed_worker_transforms
 
 __all__ = ["CocoDataModule", "DatasetStatsReporter"]
@@ -68,7 +68,7 @@ class DatasetStatsReporter(L.Callback):
         self._report(trainer, ("test_dataset",))
 
 
-class CocoDataModule(L.LightningDataModule):
+class CocoDataModule(ResumableTrainData, L.LightningDataModule):
     """COCO-format detection data for Lightning.
 
     Args:
@@ -341,7 +341,7 @@ class CocoDataModule(L.LightningDataModule):
             raise RuntimeError("train data set is not set up; call setup('fit') first")
         if self.seed is None:
             self.seed = default_seed()
-        return resumable_loader(
+        return self.make_train_loader(
             self.train_dataset,
             self.batch_size,
             seed=self.seed,

@@ -22,12 +22,12 @@ from mnv3det.data.cityscapes import (
     collate_segmentation,
 )
 from mnv3det.data.cityscapes_labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, PALETTE
-from mnv3det.data.sampling import default_seed, resumable_loader
+from mnv3det.data.sampling import ResumableTrainData, default_seed
 from mnv3det.data.seeding import seed_worker_transforms
 from mnv3det.data.segmentation_transforms import eval_transforms, train_transforms
 
 
-class CityscapesDataModule(L.LightningDataModule):
+class CityscapesDataModule(ResumableTrainData, L.LightningDataModule):
     """Cityscapes train/val/test/predict loaders.
 
     Train and validation items are ``(image FloatTensor[3, H, W] in [0, 1], mask
@@ -206,7 +206,7 @@ class CityscapesDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.seed is None:
             self.seed = default_seed()
-        return resumable_loader(
+        return self.make_train_loader(
             self.train_dataset,
             self.batch_size,
             seed=self.seed,
