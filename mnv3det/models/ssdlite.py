@@ -168,7 +168,7 @@ class SSDLite(nn.Module):
                 f"ssdlite: aspect_ratios needs {len(in_channels)} levels, got {len(ratios)}"
             )
         self.width_mult = width_mult
-        self.aspect_ratios = [[float(r) for r in level] for level in ratios]
+        self.aspect_ratios = [list(level) for level in ratios]
         self.min_ratio = min_ratio
         self.max_ratio = max_ratio
         self.anchor_generator = DefaultBoxGenerator(ratios, min_ratio, max_ratio)
