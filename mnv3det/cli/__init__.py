@@ -6,6 +6,10 @@
 * ``mnv3det demo [detection|segmentation]``: train on generated data on the CPU (both by default).
 * ``mnv3det info``: parameter/MAdds/taps table of every MobileNetV3 variant.
 * ``mnv3det export`` / ``mnv3det benchmark``: deployment tools (see their ``--help``).
+
+User errors (wrong paths, bad values, checkpoints that do not fit) are printed as one line with
+the fix (:mod:`mnv3det.cli.errors`); ``--traceback`` or ``MNV3DET_TRACEBACK=1`` shows the
+traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from mnv3det.cli.errors import run_reporting_user_errors
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 TOOL_SUBCOMMANDS = {
@@ -48,12 +54,22 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    return run_reporting_user_errors(
+        command, rest, lambda args: _run_command(command, args, from_console)
+    )
+
+
+def _run_command(command: str, rest: list[str], from_console: bool) -> int:
     if command in LIGHTNING_SUBCOMMANDS:
         from mnv3det.cli.lightning_cli import run_lightning_cli
 
-        # From the console LightningCLI reads sys.argv itself (passing it again as args makes
-        # it warn that both were given).
-        run_lightning_cli(None if from_console else argv)
+        if from_console:
+            # LightningCLI reads sys.argv itself (given args too, it warns that both were
+            # given): hand it the arguments without ours (--traceback).
+            sys.argv[1:] = [command, *rest]
+            run_lightning_cli(None)
+        else:
+            run_lightning_cli([command, *rest])
         return 0
     if command == "info":
         return info_main(rest)

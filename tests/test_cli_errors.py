@@ -1,0 +1,99 @@
+"""User errors reach the terminal as one line naming the file and the fix, not a traceback;
+``--traceback`` / ``MNV3DET_TRACEBACK=1`` bring the traceback back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs/ssdlite320_mnv3_small_coco.yaml")
+FAST = ["--trainer.accelerator", "cpu", "--data.num_workers", "0", "--data.pin_memory", "false"]
+
+
+def mnv3det(*args: str, env: dict | None = None, cwd: Path | None = None):
+    return subprocess.run(
+        [sys.executable, "-m", "mnv3det.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The lines from our error message on (Lightning prints its own banner lines before)."""
+    lines = stderr.strip().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("mnv3det "))
+    return lines[start:]
+
+
+def test_missing_data_root_is_one_line_naming_the_file(tmp_path) -> None:
+    proc = mnv3det(
+        "fit", "--config", CONFIG, "--data.root", str(tmp_path / "nope"), *FAST, cwd=tmp_path
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 2
+    assert lines[0].startswith("mnv3det fit: error: ")
+    assert str(tmp_path / "nope" / "annotations") in lines[0]
+    assert "--traceback" in lines[1]
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_traceback_on_request(tmp_path, how) -> None:
+    args = ["fit", "--config", CONFIG, "--data.root", str(tmp_path / "nope"), *FAST]
+    if how == "flag":
+        proc = mnv3det(*args, "--traceback", cwd=tmp_path)
+    else:
+        proc = mnv3det(*args, env={"MNV3DET_TRACEBACK": "1"}, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Traceback (most recent call last)" in proc.stderr
+
+
+def _checkpoints(folder: Path) -> dict[str, Path]:
+    truncated = folder / "truncated.ckpt"
+    torch.save({"state_dict": {"model.w": torch.zeros(1000)}, "hyper_parameters": {}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    text = folder / "notes.ckpt"
+    text.write_text("not a checkpoint\n")
+    foreign = folder / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), foreign)
+    return {
+        "missing": folder / "missing.ckpt",
+        "truncated": truncated,
+        "text": text,
+        "foreign": foreign,
+    }
+
+
+@pytest.mark.parametrize(
+    ("command", "kind"),
+    [
+        ("validate", "missing"),
+        ("validate", "truncated"),
+        ("validate", "text"),
+        ("validate", "foreign"),
+        ("fit", "truncated"),
+        ("predict", "foreign"),
+    ],
+)
+def test_bad_ckpt_path_is_one_line_naming_the_file(tmp_path, kind, command) -> None:
+    path = _checkpoints(tmp_path)[kind]
+    proc = mnv3det(
+        command, "--config", CONFIG, "--data.root", str(tmp_path), "--ckpt_path", str(path),
+        *FAST, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 2 and lines[0].startswith(f"mnv3det {command}: error: ")
+    assert str(path) in lines[0]
