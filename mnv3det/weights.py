@@ -172,6 +172,12 @@ def read_checkpoint(source: str | Path | Mapping[str, Tensor] | Checkpoint) -> C
                 f"checkpoint {path} could not be read as safetensors ({_first_line(err)}); "
                 "the file may be truncated or corrupt"
             ) from err
+    with path.open("rb") as handle:
+        head = handle.read(16)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save: zip, legacy: pickle
+        raise CheckpointReadError(
+            f"checkpoint {path} is not a PyTorch checkpoint ({_looks_like(head)}); {expected}"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -198,6 +204,24 @@ def read_checkpoint(source: str | Path | Mapping[str, Tensor] | Checkpoint) -> C
             f"{type(obj).__name__}"
         )
     return _checkpoint_from(dict(obj), str(path))
+
+
+def _looks_like(head: bytes) -> str:
+    """A few words on what a file that is not a checkpoint looks like, from its first bytes."""
+    kinds = {
+        b"\xff\xd8\xff": "it looks like a JPEG image",
+        b"\x89PNG": "it looks like a PNG image",
+        b"\x1f\x8b": "it looks like a gzip archive",
+        b"<": "it looks like HTML/XML, e.g. a download error page",
+        b"{": "it looks like JSON text",
+        b"version https:/": "it may be a Git LFS pointer, not the file: run git lfs pull",
+    }
+    for magic, text in kinds.items():
+        if head.startswith(magic):
+            return text
+    if all(32 <= b < 127 or b in b"\r\n\t" for b in head):
+        return "it looks like a text file"
+    return f"unknown format, first bytes {head[:8]!r}"
 
 
 def _first_line(err: BaseException) -> str:
