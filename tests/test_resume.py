@@ -8,6 +8,7 @@ detection, an EMA of the weights.
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -111,6 +112,11 @@ def run_and_kill(args: list[str], cwd: Path, logs: Path, steps_per_epoch: int) -
     return step
 
 
+def metric_steps(path: Path) -> list[int]:
+    with open(path, newline="") as file:
+        return sorted({int(row["step"]) for row in csv.DictReader(file)})
+
+
 def state_of(path: Path) -> tuple[int, dict[str, torch.Tensor], list]:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     return ckpt["global_step"], ckpt["state_dict"], ckpt["optimizer_states"]
@@ -150,6 +156,9 @@ def kill_resume_compare(args: list[str], tmp_path: Path, name: str, steps_per_ep
     assert "no last checkpoint" not in proc.stderr
     # one run, one folder: the resumed run wrote into version_0, no version_1 appeared
     assert sorted(p.name for p in logs.iterdir()) == ["version_0"]
+    steps_logged = metric_steps(logs / "version_0" / "metrics.csv")
+    # the history before the kill is kept (Lightning's CSVLogger would delete it)
+    assert steps_logged == list(range(final_step)), steps_logged
     where = "mid-epoch" if resumed_from % steps_per_epoch else "at an epoch end"
     print(f"{name}: killed after step {killed_at}, resumed from step {resumed_from} ({where})")
     assert_same_run(
