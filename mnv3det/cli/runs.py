@@ -9,13 +9,15 @@ our configs would pick two different ones) and ``--ckpt_path last`` looks for ``
 * for ``--ckpt_path last``: finds the newest ``last.ckpt`` among the runs of that config
   (``save_dir/name/version_*/checkpoints/``), continues that run in its own folder and passes
   the file to Lightning; with no such file a new run starts, and says so;
-* for a new ``fit``: takes the next free ``version_N`` across all loggers' folders.
+* for a new ``fit``: takes the next free ``version_N`` across all loggers' folders (the DDP
+  processes Lightning starts inherit rank 0's choice through ``MNV3DET_RUN_VERSION``).
 
 Callbacks with an explicit ``dirpath`` keep Lightning's own ``last`` lookup in that folder.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 __all__ = ["find_last_checkpoint", "prepare_run_folder"]
 
 _VERSION = re.compile(r"^version_(\d+)$")
+VERSION_ENV = "MNV3DET_RUN_VERSION"
 
 
 def _get(namespace: Any, key: str, default: Any = None) -> Any:
@@ -115,7 +118,12 @@ def prepare_run_folder(config: Any, subcommand: str) -> None:
         version = resumed.parent.parent.name  # continue in the run's own folder
     elif explicit:
         version = explicit[0]
+    elif os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get(VERSION_ENV):
+        # A DDP process started by Lightning's launcher: rank 0 chose the folder (it may
+        # already exist, so counting folders here would pick the next one).
+        version = os.environ[VERSION_ENV]
     else:
         version = f"version_{_next_version(roots)}"
+    os.environ[VERSION_ENV] = version  # inherited by the processes the DDP launcher starts
     for entry in entries:
         entry["init_args"]["version"] = version
