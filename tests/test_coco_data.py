@@ -18,6 +18,7 @@ from mnv3det.data.coco import (
     CocoDataError,
     CocoDetection,
     DetectionImageFolder,
+    ImageSizeMismatchError,
     MissingImageError,
     UnknownCategoryError,
     collate_detection,
@@ -169,7 +170,12 @@ def test_degenerate_and_out_of_image_boxes_are_clipped_or_dropped_and_counted(tm
     assert stats["outside_boxes_dropped"] == 1
     assert stats["boxes_used"] == 2
     report = ds.stats.report()
-    assert "5 degenerate boxes dropped" in report and "1 boxes outside the image dropped" in report
+    assert "1 boxes clipped to the image" in report
+    assert "3 annotations in 1 file: box with no area" in report  # zero w, negative h, 0.5 px
+    assert "2 annotations in 1 file: box not 4 finite numbers" in report  # NaN, malformed
+    assert "1 annotation in 1 file: box wholly outside the image" in report
+    reasons = sorted(p.reason for p in ds.stats.problems)
+    assert reasons == 2 * ["bad_box"] + 3 * ["degenerate_box"] + ["outside_box"]
 
 
 def test_unknown_category_is_an_error_naming_it_or_skipped(tmp_path):
@@ -192,8 +198,8 @@ def test_missing_image_file_is_an_error_naming_it_or_skipped(tmp_path):
     assert isinstance(info.value, FileNotFoundError)
     ds = CocoDetection(root, on_error="skip")
     assert ds.ids == [1]
-    assert ds.stats["missing_images_skipped"] == 1
-    assert "1 missing image files skipped" in ds.stats.report()
+    assert ds.stats["files_missing_file"] == 1
+    assert "left out 1 file: image file missing" in ds.stats.report()
 
 
 @pytest.fixture
@@ -207,28 +213,37 @@ def with_unreadable(tmp_path):
 
 
 def test_unreadable_image_is_an_error_naming_it(with_unreadable):
-    ds = CocoDetection(with_unreadable)  # found only when read: indexing does not decode
-    assert len(ds) == 3
     with pytest.raises(ImageReadError, match=r"broken\.jpg.*image id 2"):
-        ds[1]
+        CocoDetection(with_unreadable)  # found by the header scan, before any training
 
 
-def test_unreadable_image_skip_returns_another_image_and_counts(with_unreadable):
+def test_unreadable_image_skip_leaves_it_out_of_the_index(with_unreadable):
     ds = CocoDetection(with_unreadable, on_error="skip")
+    assert ds.ids == [1, 3]  # no substitute, no duplicate
     image, target = ds[1]
-    assert target["image_id"] == 3  # the next readable one, with its own target
-    assert target["labels"].tolist() == [3]
+    assert target["image_id"] == 3 and target["labels"].tolist() == [3]
     torch.testing.assert_close(image[:, 0, 0], torch.tensor([9, 8, 7]) / 255.0)
-    assert ds.stats["unreadable_images_skipped"] == 1
-    assert "1 unreadable images skipped" in ds.stats.report()
+    assert ds.stats["files_unreadable_file"] == 1
+    assert "left out 1 file: image file unreadable" in ds.stats.report()
 
 
-def test_skip_counts_made_in_dataloader_workers_reach_the_main_process(with_unreadable):
+def test_file_unreadable_after_the_scan_is_left_out_of_its_batch_and_listed_once(
+    with_unreadable,
+):
     ds = CocoDetection(with_unreadable, on_error="skip")
-    loader = DataLoader(ds, batch_size=1, num_workers=1, collate_fn=collate_detection)
-    ids = [targets[0]["image_id"] for _, targets in loader]
-    assert ids == [1, 3, 3]
-    assert ds.stats["unreadable_images_skipped"] == 1
+    (with_unreadable / "val2017" / "c.png").write_bytes(b"broken later")
+    loader = DataLoader(ds, batch_size=2, num_workers=1, collate_fn=collate_detection)
+    for _ in range(2):  # two epochs: one file, counted once, from a worker
+        ids = [t["image_id"] for _, targets in loader for t in targets]
+        assert ids == [1]
+    rows = ds.stats.problems
+    assert [(r.file, r.reason) for r in rows[-1:]] == [("c.png", "unreadable_when_read")]
+    assert ds.stats["files_unreadable_when_read"] == 1
+    strict = CocoDetection(with_unreadable, on_error="skip")
+    strict.on_error = "raise"
+    (with_unreadable / "val2017" / "a.png").write_bytes(b"broken too")
+    with pytest.raises(ImageReadError, match=r"a\.png"):
+        strict[0]
 
 
 def test_grayscale_rgba_and_exif_rotated_images_come_out_as_correct_rgb(tmp_path):
@@ -271,14 +286,18 @@ def test_grayscale_rgba_and_exif_rotated_images_come_out_as_correct_rgb(tmp_path
     assert ds.stats["image_size_mismatch"] == 0
 
 
-def test_file_size_different_from_annotation_file_is_clipped_and_counted(tmp_path):
-    images = [(1, "a.png", _rgb(height=20, width=30), (40, 60))]  # json claims 40x60
-    anns = [_ann(1, 1, [2, 2, 10, 10]), _ann(2, 1, [20, 5, 30, 10]), _ann(3, 1, [40, 30, 10, 5])]
-    ds = CocoDetection(write_coco(tmp_path, images, anns))
-    _, target = ds[0]
-    torch.testing.assert_close(target["boxes"], torch.tensor([[2.0, 2, 12, 12], [20, 5, 30, 15]]))
-    assert ds.stats["image_size_mismatch"] == 1
-    assert ds.stats["boxes_dropped_at_load"] == 1
+def test_file_size_different_from_annotation_file_is_an_error_or_skipped(tmp_path):
+    images = [
+        (1, "a.png", _rgb(height=20, width=30), (40, 60)),  # json claims 40x60
+        (2, "b.png", _rgb(), (40, 60)),
+    ]
+    anns = [_ann(1, 1, [2, 2, 10, 10]), _ann(2, 2, [20, 5, 30, 10])]
+    root = write_coco(tmp_path, images, anns)
+    with pytest.raises(ImageSizeMismatchError, match=r"a\.png.*60x40.*30x20"):
+        CocoDetection(root)
+    ds = CocoDetection(root, on_error="skip")
+    assert ds.ids == [2]
+    assert ds.stats["files_size_mismatch"] == 1
 
 
 def test_transforms_receive_pascal_voc_boxes_with_labels(basic):
@@ -342,9 +361,10 @@ def test_image_folder_for_predict(tmp_path):
     assert with_ids[0][1]["image_id"] == 42
     (folder / "zz.png").write_bytes(b"garbage")
     with pytest.raises(ImageReadError, match=r"zz\.png"):
-        DetectionImageFolder(folder)[2]
+        DetectionImageFolder(folder)
     skipping = DetectionImageFolder(folder, on_error="skip")
-    assert skipping[2][1]["file_name"] == "b.png" and int(skipping.skipped) == 1
+    assert skipping.files == ["b.png", "sub/a.jpg"]
+    assert [(p.file, p.reason) for p in skipping.stats.problems] == [("zz.png", "unreadable_file")]
     with pytest.raises(FileNotFoundError):
         DetectionImageFolder(tmp_path / "empty_missing")
 

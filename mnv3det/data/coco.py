@@ -24,21 +24,30 @@ results files and ``COCOeval`` need; :attr:`CocoDetection.cat_id_to_label` goes 
 Data rules
 ----------
 * ``iscrowd=1`` boxes are never trained on (they are left out of the target and counted) but stay in
-  ``.coco`` / the annotation file, where ``COCOeval`` uses them to ignore detections on crowds.
+  ``.coco`` (the annotation file as read by pycocotools), where ``COCOeval`` uses them to ignore
+  detections on crowds.
 * Images without (non-crowd) boxes are kept as negatives (``empty_images="keep"``) or left out
   (``"skip"``), and counted.
-* Boxes are clipped to the image and counted; boxes that are degenerate (width or height below
-  ``min_box_size`` pixels after clipping, or non-finite) or wholly outside the image are dropped and
-  counted.
-* An annotation whose category id is not in ``categories``, an image file that does not exist, or an
-  image file that cannot be decoded is an error naming it; with ``on_error="skip"`` the annotation /
-  image is left out and counted instead (an undecodable image is found only when it is read: the
-  item is then replaced by the next readable image, so an epoch does not crash, and counted).
-* Grayscale, palette, RGBA and EXIF-rotated files come out as upright RGB
+* Boxes sticking out of the image are clipped and counted; boxes that are not four finite numbers,
+  have no area (or are under ``min_box_size`` pixels after clipping), or lie wholly outside the
+  image are dropped, counted and listed per file. Nothing else reaches the loss: every target box
+  is finite, inside its image and has a label of the model's classes.
+* The data set is checked when it is built, before any training: the annotation file's structure,
+  every annotation's image and category id, and the header of every image file (it exists, PIL can
+  read it, JPEG/PNG files are not truncated, and its size after the EXIF orientation equals the
+  ``width``/``height`` of the annotation file). The scan reads headers, not pixels
+  (:func:`mnv3det.data.image_io.read_headers`, a thread pool; ``tools/scan_speed.py`` times it).
+* ``on_error="raise"`` (default): any problem is an error naming the file or annotation id and the
+  fix (the first one, with the number of the others). ``on_error="skip"``: bad images are removed
+  from the index before sampling (no substitutes, no duplicates) and bad annotations from their
+  image's target; each is listed in :attr:`DatasetStats.problems` (the data module writes them to
+  ``skipped.csv`` in the run's log folder and prints a summary at the end of the run).
+* A file that passed the scan but cannot be decoded when read (truncated after the end marker,
+  or changed during the run) is an error in ``raise`` mode; in ``skip`` mode its item is an empty
+  :class:`~mnv3det.data.problems.SkippedSample` that :func:`collate_detection` leaves out of the
+  batch, and the file is listed (once, also when found in a DataLoader worker).
+* Grayscale (1/8/16 bit), palette, RGBA, CMYK and EXIF-rotated files come out as upright RGB
   (:func:`mnv3det.data.image_io.read_rgb`); boxes are taken to be in the upright frame.
-
-All counts are in :attr:`CocoDetection.stats`; ``stats.report()`` gives one line for the log.
-Counts made while reading items live in shared memory, so they include DataLoader workers.
 """
 
 from __future__ import annotations
@@ -46,7 +55,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -57,7 +65,8 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from mnv3det.data.image_io import ImageReadError, read_rgb
+from mnv3det.data.image_io import ImageHeader, ImageReadError, read_headers, read_rgb
+from mnv3det.data.problems import DatasetStats, SkippedSample, drop_skipped
 from mnv3det.data.sampling import SampleKey, reseed_transforms, split_key
 
 __all__ = [
@@ -66,14 +75,19 @@ __all__ = [
     "CocoDetection",
     "DatasetStats",
     "DetectionImageFolder",
+    "EmptySplitError",
+    "ImageSizeMismatchError",
     "MissingImageError",
     "UnknownCategoryError",
+    "UnknownImageIdError",
     "collate_detection",
     "image_to_tensor",
+    "load_annotation_file",
 ]
 
 LABEL_MAPS = ("contiguous", "torchvision91")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+SKIP_HINT = "or set on_error='skip' (data.on_error: skip) to leave it out and list it"
 
 
 class CocoDataError(ValueError):
@@ -84,67 +98,20 @@ class UnknownCategoryError(CocoDataError):
     """An annotation names a category id that the file's ``categories`` list does not define."""
 
 
+class UnknownImageIdError(CocoDataError):
+    """An annotation names an image id that the file's ``images`` list does not define."""
+
+
+class ImageSizeMismatchError(CocoDataError):
+    """An image file's size (after its EXIF orientation) differs from the annotation file's."""
+
+
+class EmptySplitError(CocoDataError):
+    """A split has no usable image (left)."""
+
+
 class MissingImageError(FileNotFoundError):
     """An image listed in the annotation file does not exist on disk."""
-
-
-# Counters filled while reading items (possibly inside DataLoader worker processes).
-_RUNTIME_KEYS = ("unreadable_images_skipped", "image_size_mismatch", "boxes_dropped_at_load")
-
-
-class DatasetStats:
-    """Counters of what a :class:`CocoDetection` dropped, clipped or skipped.
-
-    ``counts`` are made once when the annotation file is indexed; the run-time counters
-    (unreadable images skipped, file size differing from the annotation file) are kept in a
-    shared-memory tensor so that increments made in DataLoader workers are seen here.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.counts: Counter[str] = Counter()
-        self._runtime = torch.zeros(len(_RUNTIME_KEYS), dtype=torch.int64).share_memory_()
-
-    def add_runtime(self, key: str, n: int = 1) -> None:
-        """Count a run-time event (``key`` in ``unreadable_images_skipped``,
-        ``image_size_mismatch``, ``boxes_dropped_at_load``)."""
-        self._runtime[_RUNTIME_KEYS.index(key)] += n
-
-    def as_dict(self) -> dict[str, int]:
-        """All counters, the indexing ones and the run-time ones, as plain ints."""
-        out = {k: int(v) for k, v in self.counts.items()}
-        out.update({k: int(v) for k, v in zip(_RUNTIME_KEYS, self._runtime.tolist())})
-        return out
-
-    def __getitem__(self, key: str) -> int:
-        return self.as_dict().get(key, 0)
-
-    def report(self) -> str:
-        """One human-readable line: what is used and everything that was left out or changed."""
-        c = self.as_dict()
-        empty_kept = c.get("empty_images_kept", 0)
-        parts = [
-            f"{self.name}: {c.get('images_used', 0)} of {c.get('images_in_file', 0)} images used "
-            f"({empty_kept} without boxes, kept as negatives), {c.get('boxes_used', 0)} boxes"
-        ]
-        details = [
-            ("crowd_boxes_excluded", "crowd boxes not trained on (kept for evaluation)"),
-            ("boxes_clipped", "boxes clipped to the image"),
-            ("degenerate_boxes_dropped", "degenerate boxes dropped"),
-            ("outside_boxes_dropped", "boxes outside the image dropped"),
-            ("empty_images_skipped", "images without boxes skipped"),
-            ("unknown_category_annotations_skipped", "annotations with unknown category skipped"),
-            ("missing_images_skipped", "missing image files skipped"),
-            ("orphan_annotations", "annotations of images not in the file ignored"),
-            ("unreadable_images_skipped", "unreadable images skipped when read"),
-            ("image_size_mismatch", "image reads whose size differs from the annotation file"),
-            ("boxes_dropped_at_load", "boxes dropped after clipping to the decoded image"),
-        ]
-        extra = [f"{c[k]} {text}" for k, text in details if c.get(k, 0)]
-        return "; ".join(parts + extra)
-
-    def __repr__(self) -> str:
-        return f"DatasetStats({self.report()})"
 
 
 def image_to_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -166,7 +133,9 @@ def collate_detection(
 ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
     """Collate ``(image, target)`` items into ``(list of images, list of targets)``: detection
     images differ in size and targets in box count, so nothing is stacked (torchvision's
-    detection models take lists)."""
+    detection models take lists). Items that could not be read mid-run
+    (:class:`~mnv3det.data.problems.SkippedSample`) are left out."""
+    batch = drop_skipped(batch)
     images = [item[0] for item in batch]
     targets = [item[1] for item in batch]
     return images, targets
@@ -175,6 +144,67 @@ def collate_detection(
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}; got {value!r}")
+
+
+def load_annotation_file(path: str | Path) -> dict[str, Any]:
+    """Read a COCO annotation file and check its structure.
+
+    Args:
+        path: the JSON file.
+
+    Returns:
+        The parsed object (``images``, ``annotations``, ``categories`` lists).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        CocoDataError: it is not JSON, not an object, lacks ``images`` / ``categories``, has an
+            empty image list, or holds entries that are not objects with ids (names the file and
+            the fix).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"COCO annotation file not found: {path}")
+    expected = (
+        "a COCO annotation file is a JSON object with 'images', 'annotations' and 'categories' "
+        "lists (instances_{split}.json)"
+    )
+    try:
+        data = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CocoDataError(f"{path} is not JSON ({err}); {expected}") from err
+    if not isinstance(data, dict):
+        what = "a list (a results file?)" if isinstance(data, list) else type(data).__name__
+        raise CocoDataError(f"{path} holds {what}, not a JSON object; {expected}")
+    for key in ("images", "categories"):
+        if key not in data:
+            raise CocoDataError(f"{path} has no {key!r} key; {expected}")
+    for key in ("images", "annotations", "categories"):
+        if key in data and not isinstance(data[key], list):
+            raise CocoDataError(
+                f"{path}: {key!r} is a {type(data[key]).__name__}, not a list; {expected}"
+            )
+    if not data["images"]:
+        raise EmptySplitError(
+            f"{path} lists no images ('images' is empty); point the data module at the "
+            "annotation file of a split with images"
+        )
+    data.setdefault("annotations", [])
+    for key, needed in (("annotations", ("id", "image_id")), ("categories", ("id",))):
+        for position, entry in enumerate(data[key]):
+            if not isinstance(entry, dict) or any(k not in entry for k in needed):
+                raise CocoDataError(
+                    f"{path}: {key}[{position}] is {str(entry)[:80]!r}, not an object with "
+                    f"{' and '.join(repr(k) for k in needed)}; fix or remove that entry"
+                )
+    return data
+
+
+def _make_coco(data: dict[str, Any]) -> COCO:
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+    return coco
 
 
 class CocoDetection(Dataset):
@@ -195,18 +225,21 @@ class CocoDetection(Dataset):
             :mod:`mnv3det.data.detection_transforms`). ``None``: no transform.
         label_map: ``"contiguous"`` or ``"torchvision91"``.
         empty_images: ``"keep"`` images without boxes as negatives, or ``"skip"`` them.
-        on_error: ``"raise"`` on an unknown category id, missing or unreadable image, or
-            ``"skip"`` (and count) the offending annotation / image.
+        on_error: ``"raise"`` on any problem the scan finds (see the module docstring), or
+            ``"skip"`` the offending image / annotation and list it in ``stats.problems``.
         ann_file: annotation file, overriding ``root/annotations/instances_{split}.json``.
         image_dir: image folder, overriding ``root/{split}``.
         min_box_size: boxes narrower or lower than this (pixels, after clipping) are dropped.
+        scan_threads: threads of the header scan (``None``: ``min(32, 4 * CPUs)``).
 
     Raises:
         FileNotFoundError: the annotation file or the image folder does not exist.
-        CocoDataError: the annotation file cannot be parsed, or its category ids do not fit
-            ``label_map``.
-        UnknownCategoryError: (``on_error="raise"``) an annotation has an unknown category id.
+        CocoDataError: the annotation file cannot be parsed, its category ids do not fit
+            ``label_map``, no usable image is left, or (``on_error="raise"``) a problem of the
+            scan: :class:`UnknownCategoryError`, :class:`UnknownImageIdError`,
+            :class:`ImageSizeMismatchError`, duplicate image ids.
         MissingImageError: (``on_error="raise"``) an image file listed in the file is missing.
+        ImageReadError: (``on_error="raise"``) an image file cannot be read.
     """
 
     def __init__(
@@ -220,6 +253,7 @@ class CocoDetection(Dataset):
         ann_file: str | Path | None = None,
         image_dir: str | Path | None = None,
         min_box_size: float = 1.0,
+        scan_threads: int | None = None,
     ) -> None:
         _check_choice("label_map", label_map, LABEL_MAPS)
         _check_choice("empty_images", empty_images, ("keep", "skip"))
@@ -247,17 +281,77 @@ class CocoDetection(Dataset):
                 f"COCO image folder not found: {self.image_dir}. Expected the official layout "
                 f"root/{split}/ (or pass image_dir=)."
             )
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-                self.coco = COCO(str(self.ann_file))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise CocoDataError(
-                f"cannot read COCO annotation file {self.ann_file}: {type(err).__name__}: {err}"
-            ) from err
-
-        self.stats = DatasetStats(f"CocoDetection[{split}]")
+        data = load_annotation_file(self.ann_file)
+        self.stats = DatasetStats(f"CocoDetection[{split}]", split)
+        self._errors: list[Exception] = []
+        data = self._check_image_entries(data)
+        self.coco = _make_coco(data)
         self._build_label_map()
-        self._index()
+        self._index(scan_threads)
+
+    # ------------------------------------------------------------------ problems
+    def _problem(self, file: str, reason: str, detail: str, error: Exception) -> None:
+        """Record a problem; in raise mode keep the error to raise once the scan is done."""
+        self.stats.add(file, reason, detail)
+        if self.on_error == "raise":
+            self._errors.append(error)
+
+    def _raise_first(self) -> None:
+        if not self._errors:
+            return
+        first = self._errors[0]
+        if len(self._errors) > 1:
+            kinds = Counter(row.reason for row in self.stats.problems)
+            more = ", ".join(f"{n} {reason}" for reason, n in sorted(kinds.items()))
+            note = f" [{len(self._errors)} problems in {self.ann_file.name}: {more}]"
+            first.args = (str(first.args[0]) + note, *first.args[1:])
+        raise first
+
+    def _check_image_entries(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Drop (skip) or report (raise) image entries without id / file_name or with a
+        duplicate id; pycocotools would keep only the last of a duplicate id silently."""
+        seen: dict[Any, list[dict[str, Any]]] = {}
+        bad = []
+        for position, entry in enumerate(data["images"]):
+            ok = isinstance(entry, dict) and isinstance(entry.get("id"), int)
+            ok = ok and isinstance(entry.get("file_name"), str) and entry["file_name"] != ""
+            if not ok:
+                bad.append(position)
+                self._problem(
+                    str(entry.get("file_name", "")) if isinstance(entry, dict) else "",
+                    "bad_image_entry",
+                    f"images[{position}] = {str(entry)[:80]}",
+                    CocoDataError(
+                        f"{self.ann_file}: images[{position}] is {str(entry)[:80]!r}, not an "
+                        "object with an integer 'id' and a 'file_name'; fix or remove it, "
+                        + SKIP_HINT
+                    ),
+                )
+                continue
+            seen.setdefault(entry["id"], []).append(entry)
+        duplicates = {i for i, entries in seen.items() if len(entries) > 1}
+        for image_id in sorted(duplicates):
+            names = [e["file_name"] for e in seen[image_id]]
+            for name in names:
+                self._problem(
+                    name,
+                    "duplicate_image_id",
+                    f"image id {image_id} is listed for {names}",
+                    CocoDataError(
+                        f"{self.ann_file}: image id {image_id} is listed {len(names)} times "
+                        f"({names}); its annotations cannot be told apart. Give every image its "
+                        "own id, " + SKIP_HINT + " (every entry with that id)"
+                    ),
+                )
+        if not bad and not duplicates:
+            return data
+        bad_set = set(bad)
+        images = [
+            e
+            for i, e in enumerate(data["images"])
+            if i not in bad_set and e["id"] not in duplicates
+        ]
+        return {**data, "images": images}
 
     # ------------------------------------------------------------------ label mapping
     def _build_label_map(self) -> None:
@@ -284,36 +378,34 @@ class CocoDetection(Dataset):
         self.class_names: list[str] = names
 
     # ------------------------------------------------------------------ indexing
-    def _index(self) -> None:
+    def _index(self, scan_threads: int | None) -> None:
         counts = self.stats.counts
-        counts["images_in_file"] = len(self.coco.imgs)
-        try:
-            on_disk = {entry.name for entry in os.scandir(self.image_dir)}
-        except OSError:
-            on_disk = set()
-
-        known_images = set(self.coco.imgs)
-        counts["orphan_annotations"] = sum(
-            1 for ann in self.coco.anns.values() if ann.get("image_id") not in known_images
-        )
-
+        counts["images_listed"] = len(self.coco.dataset["images"])
+        counts["images_in_file"] = counts["images_listed"]
+        for ann in self.coco.dataset["annotations"]:
+            if ann["image_id"] not in self.coco.imgs:
+                counts["unknown_image_id_count"] += 1
+                self._problem(
+                    self.ann_file.name,
+                    "unknown_image_id",
+                    f"annotation id {ann['id']} has image_id {ann['image_id']!r}",
+                    UnknownImageIdError(
+                        f"annotation id {ann['id']} in {self.ann_file} has image_id "
+                        f"{ann['image_id']!r}, which is not among the file's images; fix its "
+                        "image_id or remove it, " + SKIP_HINT
+                    ),
+                )
+        image_ids = sorted(self.coco.imgs)
+        file_names = [str(self.coco.imgs[i]["file_name"]) for i in image_ids]
+        headers = read_headers([self.image_dir / f for f in file_names], threads=scan_threads)
         self.ids: list[int] = []
         self._targets: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for image_id in sorted(self.coco.imgs):
-            info = self.coco.imgs[image_id]
-            file_name = str(info.get("file_name", ""))
-            path = self.image_dir / file_name
-            exists = file_name in on_disk if "/" not in file_name else path.is_file()
-            if not file_name or not exists:
-                if self.on_error == "raise":
-                    raise MissingImageError(
-                        f"image file {path} (image id {image_id} in {self.ann_file}) does not "
-                        "exist; restore it, remove the image from the annotation file, or set "
-                        "on_error='skip'"
-                    )
-                counts["missing_images_skipped"] += 1
+        self._sizes: dict[int, tuple[int, int]] = {}
+        for image_id, file_name, header in zip(image_ids, file_names, headers, strict=True):
+            size = self._check_file(image_id, file_name, header)
+            boxes, labels = self._image_target(image_id, file_name, size)
+            if size is None:
                 continue
-            boxes, labels = self._image_target(image_id, info)
             if len(boxes) == 0:
                 if self.empty_images == "skip":
                     counts["empty_images_skipped"] += 1
@@ -322,33 +414,115 @@ class CocoDetection(Dataset):
             counts["boxes_used"] += len(boxes)
             self.ids.append(int(image_id))
             self._targets[int(image_id)] = (boxes, labels)
+            self._sizes[int(image_id)] = size
         counts["images_used"] = len(self.ids)
+        self._raise_first()
+        if not self.ids:
+            raise EmptySplitError(
+                f"no usable image in {self.image_dir} with {self.ann_file} "
+                f"({counts['images_listed']} listed; {self._left_out()}); fix the data or the "
+                "paths"
+            )
+        self.stats.set_items([self.coco.imgs[i]["file_name"] for i in self.ids])
 
-    def _image_target(self, image_id: int, info: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        """Trainable boxes (xyxy, clipped) and labels of one image, counting what is left out."""
+    def _left_out(self) -> str:
+        by_reason = self.stats.files_by_reason()
+        parts = [f"{n} {r}" for r, n in sorted(by_reason.items())]
+        if self.stats.counts.get("empty_images_skipped"):
+            parts.append(f"{self.stats.counts['empty_images_skipped']} without boxes skipped")
+        return "left out: " + (", ".join(parts) or "none")
+
+    def _check_file(
+        self, image_id: int, file_name: str, header: ImageHeader | Exception
+    ) -> tuple[int, int] | None:
+        """The upright ``(height, width)`` of a usable file, else ``None`` (problem recorded)."""
+        path = self.image_dir / file_name
+        where = f"image id {image_id} in {self.ann_file}"
+        if isinstance(header, FileNotFoundError):
+            self._problem(
+                file_name,
+                "missing_file",
+                str(path),
+                MissingImageError(
+                    f"image file {path} ({where}) does not exist; restore it, remove the image "
+                    "from the annotation file, " + SKIP_HINT
+                ),
+            )
+            return None
+        if isinstance(header, Exception):
+            self._problem(
+                file_name,
+                "unreadable_file",
+                str(header),
+                ImageReadError(f"{header} ({where}); replace or remove the file, " + SKIP_HINT),
+            )
+            return None
+        info = self.coco.imgs[image_id]
+        want_h, want_w = info.get("height"), info.get("width")
+        if not want_h or not want_w:  # the file gives no size: take the file's
+            self.stats.counts["sizes_taken_from_files"] += 1
+            return header.height, header.width
+        if (int(want_h), int(want_w)) != (header.height, header.width):
+            rotated = (
+                f" (stored {header.stored_size[1]}x{header.stored_size[0]}, EXIF orientation "
+                f"{header.orientation}: annotations must be in the upright frame)"
+                if header.orientation != 1
+                else ""
+            )
+            detail = (
+                f"annotation file says {want_w}x{want_h} (WxH), the file is "
+                f"{header.width}x{header.height}{rotated}"
+            )
+            self._problem(
+                file_name,
+                "size_mismatch",
+                detail,
+                ImageSizeMismatchError(
+                    f"image file {path} ({where}): {detail}. If the image was resized after it "
+                    "was annotated, its boxes are at the wrong scale: restore the original file or "
+                    "rescale its annotations and width/height, " + SKIP_HINT
+                ),
+            )
+            return None
+        return header.height, header.width
+
+    def _image_target(
+        self, image_id: int, file_name: str, size: tuple[int, int] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Trainable boxes (xyxy, clipped) and labels of one image, recording what is left out
+        (annotation problems are recorded even when the image itself is unusable)."""
         counts = self.stats.counts
-        width = float(info.get("width", 0) or 0)
-        height = float(info.get("height", 0) or 0)
+        height, width = size if size is not None else (0, 0)
         boxes: list[list[float]] = []
         labels: list[int] = []
         for ann in self.coco.imgToAnns.get(image_id, []):
             cat_id = ann.get("category_id")
             if cat_id not in self.cat_id_to_label:
-                if self.on_error == "raise":
-                    raise UnknownCategoryError(
+                counts["unknown_category_count"] += 1
+                counts["unknown_category_annotations_skipped"] += 1
+                self._problem(
+                    file_name,
+                    "unknown_category",
+                    f"annotation id {ann.get('id')} has category_id {cat_id!r}",
+                    UnknownCategoryError(
                         f"annotation id {ann.get('id')} (image id {image_id}) in {self.ann_file} "
                         f"has category_id {cat_id!r}, which is not among the file's categories "
-                        f"{sorted(self.cat_id_to_label)}; fix the annotation or set "
-                        "on_error='skip'"
-                    )
-                counts["unknown_category_annotations_skipped"] += 1
+                        f"{sorted(self.cat_id_to_label)}; fix the annotation, " + SKIP_HINT
+                    ),
+                )
+                continue
+            if size is None:
                 continue
             if ann.get("iscrowd", 0):
                 counts["crowd_boxes_excluded"] += 1
                 continue
             box = _xywh_to_clipped_xyxy(ann.get("bbox"), width, height, self.min_box_size)
             if isinstance(box, str):
-                counts[box] += 1
+                counts[f"{box}_count"] += 1
+                counts[_OLD_BOX_KEYS[box]] += 1
+                self.stats.add(
+                    file_name, box, f"annotation id {ann.get('id')}: bbox {ann.get('bbox')!r}"
+                )
                 continue
             xyxy, clipped = box
             counts["boxes_clipped"] += int(clipped)
@@ -367,21 +541,39 @@ class CocoDetection(Dataset):
         """The file of item ``index``."""
         return self.image_dir / self.coco.imgs[self.ids[index]]["file_name"]
 
-    def _read(self, index: int) -> np.ndarray:
+    def _read(self, index: int) -> np.ndarray | None:
+        """The pixels of item ``index``; ``None`` in skip mode when they cannot be used."""
         image_id = self.ids[index]
         path = self.image_path(index)
+        where = f"image id {image_id} in {self.ann_file}"
         try:
-            return read_rgb(path)
+            image = read_rgb(path)
         except FileNotFoundError as err:
+            if self.on_error == "skip":
+                self.stats.flag(index, "unreadable_when_read")
+                return None
             raise MissingImageError(
-                f"image file {path} (image id {image_id} in {self.ann_file}) disappeared after the "
-                "data set was indexed; restore it or set on_error='skip'"
+                f"image file {path} ({where}) disappeared after the data set was scanned; "
+                "restore it, " + SKIP_HINT
             ) from err
         except ImageReadError as err:
+            if self.on_error == "skip":
+                self.stats.flag(index, "unreadable_when_read")
+                return None
             raise ImageReadError(
-                f"{err} (image id {image_id} in {self.ann_file}); replace or remove the file, or "
-                "set on_error='skip'"
+                f"{err} ({where}); its header passed the scan but its pixels cannot be decoded: "
+                "replace or remove the file, " + SKIP_HINT
             ) from err
+        if image.shape[:2] != self._sizes[image_id]:
+            if self.on_error == "skip":
+                self.stats.flag(index, "size_changed_when_read")
+                return None
+            raise ImageSizeMismatchError(
+                f"image file {path} ({where}) is {image.shape[1]}x{image.shape[0]} (WxH) when "
+                f"read but was {self._sizes[image_id][1]}x{self._sizes[image_id][0]} when the "
+                "data set was scanned: it changed during the run; " + SKIP_HINT
+            )
+        return image
 
     def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor, dict[str, Any]]:
         # key: an index, or (index, augmentation seed) from the resumable training sampler
@@ -390,41 +582,29 @@ class CocoDetection(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         index %= len(self)
-        for attempt in range(len(self)):
-            current = (index + attempt) % len(self)
-            try:
-                image = self._read(current)
-            except (ImageReadError, MissingImageError):
-                if self.on_error == "raise":
-                    raise
-                # Skip mode: never crash mid-epoch; use the next readable image instead.
-                self.stats.add_runtime("unreadable_images_skipped")
-                continue
-            return self._make_item(current, image)
-        raise CocoDataError(f"no image of {self.image_dir} could be read")
+        image = self._read(index)
+        if image is None:  # skip mode, unusable when read: an empty item the collate drops
+            height, width = self._sizes[self.ids[index]]
+            empty = np.zeros((height, width, 3), dtype=np.uint8)
+            image_t, target = self._make_item(index, empty, empty_target=True)
+            target["skipped"] = True
+            return SkippedSample((image_t, target))
+        return self._make_item(index, image)
 
-    def _make_item(self, index: int, image: np.ndarray) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _make_item(
+        self, index: int, image: np.ndarray, empty_target: bool = False
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         image_id = self.ids[index]
         boxes, labels = self._targets[image_id]
+        if empty_target:
+            boxes, labels = boxes[:0], labels[:0]
         height, width = image.shape[:2]
-        info = self.coco.imgs[image_id]
-        if (info.get("height"), info.get("width")) != (height, width):
-            # The file disagrees with the annotation file: clip to what was decoded.
-            self.stats.add_runtime("image_size_mismatch")
-            boxes = boxes.copy()
-            boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
-            boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
-            keep = ((boxes[:, 2] - boxes[:, 0]) >= self.min_box_size) & (
-                (boxes[:, 3] - boxes[:, 1]) >= self.min_box_size
-            )
-            if not keep.all():
-                self.stats.add_runtime("boxes_dropped_at_load", int((~keep).sum()))
-            boxes, labels = boxes[keep], labels[keep]
         if self.transforms is not None:
             out = self.transforms(image=image, bboxes=boxes, labels=labels)
             image = out["image"]
             boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
             labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
+            boxes, labels = _inside(boxes, labels, image)
         target = {
             "boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "labels": torch.as_tensor(labels, dtype=torch.int64).reshape(-1),
@@ -440,33 +620,56 @@ class CocoDetection(Dataset):
         )
 
 
+_OLD_BOX_KEYS = {
+    "bad_box": "degenerate_boxes_dropped",
+    "degenerate_box": "degenerate_boxes_dropped",
+    "outside_box": "outside_boxes_dropped",
+}
+
+
+def _inside(
+    boxes: np.ndarray, labels: np.ndarray, image: np.ndarray | torch.Tensor
+) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes after a transform, clipped to its output image, finite and with area."""
+    if isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] in (1, 3):
+        height, width = int(image.shape[-2]), int(image.shape[-1])
+    else:
+        height, width = int(image.shape[0]), int(image.shape[1])
+    boxes = boxes.copy()
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
+    keep = np.isfinite(boxes).all(1) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return boxes[keep], labels[keep]
+
+
 def _xywh_to_clipped_xyxy(
     bbox: Any, width: float, height: float, min_size: float
 ) -> tuple[list[float], bool] | str:
-    """COCO ``[x, y, w, h]`` -> (xyxy clipped to the image, was it clipped), or the name of the
-    counter to bump when the box is dropped."""
+    """COCO ``[x, y, w, h]`` -> (xyxy clipped to the image, was it clipped), or the reason the
+    box is dropped (``bad_box``, ``degenerate_box``, ``outside_box``)."""
     try:
         x, y, w, h = (float(v) for v in bbox)
     except (TypeError, ValueError):
-        return "degenerate_boxes_dropped"
-    if not all(np.isfinite([x, y, w, h])) or w <= 0 or h <= 0:
-        return "degenerate_boxes_dropped"
+        return "bad_box"
+    if not all(np.isfinite([x, y, w, h])):
+        return "bad_box"
+    if w <= 0 or h <= 0:
+        return "degenerate_box"
     x0, y0, x1, y1 = x, y, x + w, y + h
-    if width > 0 and height > 0:
-        if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
-            return "outside_boxes_dropped"
-        cx0, cy0 = min(max(x0, 0.0), width), min(max(y0, 0.0), height)
-        cx1, cy1 = min(max(x1, 0.0), width), min(max(y1, 0.0), height)
-    else:  # the file gives no size: clip only at 0
-        cx0, cy0, cx1, cy1 = max(x0, 0.0), max(y0, 0.0), x1, y1
+    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+        return "outside_box"
+    cx0, cy0 = min(max(x0, 0.0), width), min(max(y0, 0.0), height)
+    cx1, cy1 = min(max(x1, 0.0), width), min(max(y1, 0.0), height)
     clipped = (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1)
     if cx1 - cx0 < min_size or cy1 - cy0 < min_size:
-        return "degenerate_boxes_dropped"
+        return "degenerate_box"
     return [cx0, cy0, cx1, cy1], clipped
 
 
 class DetectionImageFolder(Dataset):
     """Images to predict on: items ``(image, {"image_id", "file_name", "orig_size"})``.
+
+    Every file's header is read when the folder is built (see :class:`CocoDetection`).
 
     Args:
         folder: image folder.
@@ -474,8 +677,15 @@ class DetectionImageFolder(Dataset):
             sorted).
         image_ids: ``file_name -> image id`` (e.g. COCO's ids, so predictions can be evaluated);
             default: the position in the sorted list.
-        on_error: ``"raise"`` on an unreadable image, or ``"skip"`` it (the next readable image is
-            returned instead and the skip is counted in ``.skipped``).
+        on_error: ``"raise"`` on a missing or unreadable image, or ``"skip"`` it: it is left out
+            of the list (found by the scan) or of its batch (found when read), and listed in
+            ``stats.problems``.
+        scan_threads: threads of the header scan (``None``: ``min(32, 4 * CPUs)``).
+
+    Raises:
+        FileNotFoundError: the folder is missing or holds no images; (``on_error="raise"``) a
+            listed file is missing.
+        ImageReadError: (``on_error="raise"``) a file cannot be read.
     """
 
     def __init__(
@@ -484,6 +694,7 @@ class DetectionImageFolder(Dataset):
         files: Sequence[str] | None = None,
         image_ids: dict[str, int] | None = None,
         on_error: str = "raise",
+        scan_threads: int | None = None,
     ) -> None:
         _check_choice("on_error", on_error, ("raise", "skip"))
         self.folder = Path(folder)
@@ -499,10 +710,35 @@ class DetectionImageFolder(Dataset):
             raise FileNotFoundError(
                 f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {self.folder}"
             )
-        self.files = list(files)
         self.image_ids = image_ids
         self.on_error = on_error
-        self.skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.stats = DatasetStats(f"DetectionImageFolder[{self.folder.name}]", "predict")
+        self.stats.counts["images_listed"] = len(files)
+        headers = read_headers([self.folder / f for f in files], threads=scan_threads)
+        self.files: list[str] = []
+        self._positions: list[int] = []
+        self._sizes: list[tuple[int, int]] = []
+        for position, (file_name, header) in enumerate(zip(files, headers, strict=True)):
+            if isinstance(header, Exception):
+                if on_error == "raise":
+                    raise type(header)(
+                        f"{header}; replace or remove the file, or set on_error='skip' "
+                        "(data.on_error: skip) to leave it out and list it"
+                    ) from header
+                reason = (
+                    "missing_file" if isinstance(header, FileNotFoundError) else "unreadable_file"
+                )
+                self.stats.add(file_name, reason, str(header))
+                continue
+            self.files.append(file_name)
+            self._positions.append(position)
+            self._sizes.append((header.height, header.width))
+        self.stats.counts["images_used"] = len(self.files)
+        if not self.files:
+            raise EmptySplitError(
+                f"no readable image in {self.folder} ({len(files)} listed, all skipped)"
+            )
+        self.stats.set_items(self.files)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -513,21 +749,27 @@ class DetectionImageFolder(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         index %= len(self)
-        for attempt in range(len(self)):
-            current = (index + attempt) % len(self)
-            file_name = self.files[current]
-            try:
-                image = read_rgb(self.folder / file_name)
-            except (ImageReadError, FileNotFoundError):
-                if self.on_error == "raise":
-                    raise
-                self.skipped += 1
-                continue
-            image_id = self.image_ids[file_name] if self.image_ids is not None else current
+        file_name = self.files[index]
+        image_id = (
+            self.image_ids[file_name] if self.image_ids is not None else self._positions[index]
+        )
+        try:
+            image = read_rgb(self.folder / file_name)
+        except (ImageReadError, FileNotFoundError):
+            if self.on_error == "raise":
+                raise
+            self.stats.flag(index, "unreadable_when_read")
+            height, width = self._sizes[index]
             meta = {
                 "image_id": int(image_id),
                 "file_name": file_name,
-                "orig_size": (int(image.shape[0]), int(image.shape[1])),
+                "orig_size": (height, width),
+                "skipped": True,
             }
-            return image_to_tensor(image), meta
-        raise CocoDataError(f"no image of {self.folder} could be read")
+            return SkippedSample((torch.zeros(3, height, width), meta))
+        meta = {
+            "image_id": int(image_id),
+            "file_name": file_name,
+            "orig_size": (int(image.shape[0]), int(image.shape[1])),
+        }
+        return image_to_tensor(image), meta

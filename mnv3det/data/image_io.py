@@ -23,14 +23,24 @@ training (``tools/scan_speed.py`` measures it).
 
 from __future__ import annotations
 
+import os
 import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageHeader", "ImageReadError", "read_header", "read_label_png", "read_rgb"]
+__all__ = [
+    "ImageHeader",
+    "ImageReadError",
+    "read_header",
+    "read_headers",
+    "read_label_png",
+    "read_rgb",
+]
 
 EXIF_ORIENTATION = 0x0112
 _READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError)
@@ -207,7 +217,7 @@ def read_rgb(path: str | Path) -> np.ndarray:
                     image = image.convert("RGBA")
                     background = Image.new("RGBA", image.size, (0, 0, 0, 255))
                     image = Image.alpha_composite(background, image)
-                return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+                return np.array(image.convert("RGB"), dtype=np.uint8)
     except (*_READ_ERRORS, Image.DecompressionBombError) as err:
         raise ImageReadError(_describe(path, err)) from err
 
@@ -235,3 +245,30 @@ def read_label_png(path: str | Path) -> np.ndarray:
             "mode) PNG of label ids"
         )
     return array.copy()
+
+
+def read_headers(
+    paths: Sequence[str | Path], threads: int | None = None
+) -> list[ImageHeader | FileNotFoundError | ImageReadError]:
+    """:func:`read_header` of many files, in a thread pool (the work is mostly waiting on I/O).
+
+    Args:
+        paths: image files.
+        threads: pool size (default ``min(32, 4 * CPUs)``; 0 or 1: no pool).
+
+    Returns:
+        Per file, in order, its header or the error reading it raised.
+    """
+    if threads is None:
+        threads = min(32, 4 * (os.cpu_count() or 1))
+
+    def one(path: str | Path) -> ImageHeader | FileNotFoundError | ImageReadError:
+        try:
+            return read_header(path)
+        except (FileNotFoundError, ImageReadError) as err:
+            return err
+
+    if threads <= 1 or len(paths) < 64:
+        return [one(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(one, paths, chunksize=64))
