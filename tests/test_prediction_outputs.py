@@ -307,3 +307,51 @@ def test_official_evaluation_scores_a_perfect_prediction_one(scenes, tmp_path):
     assert {"road", "car", "sky"} <= set(present)
     assert all(v == pytest.approx(1.0) for v in present.values()), present
     assert result["averageScoreClasses"] == pytest.approx(1.0)
+
+
+def test_cli_predict_without_annotations_uses_the_checkpoints_label_map(
+    coco_root, tmp_path
+) -> None:
+    """A folder of images and a data root with no annotation file: the category ids and names
+    come from the label map stored in the checkpoint."""
+    data = CocoDataModule(coco_root, size=SIZE, batch_size=3, num_workers=0, augment=False)
+    torch.manual_seed(0)
+    task = DetectionTask(
+        "small", num_classes=5, size=SIZE, lr=0.01, score_thresh=0.0, print_table=False
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, limit_val_batches=0, num_sanity_val_steps=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(task, data)
+    ckpt = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(ckpt)
+    label_map = data.label_to_cat_id
+    assert sorted(label_map.values()) != list(range(1, len(label_map) + 1))  # ids have gaps
+    images = tmp_path / "phone_photos"
+    images.mkdir()
+    for path in sorted((coco_root / "val2017").iterdir())[:3]:
+        (images / path.name).write_bytes(path.read_bytes())
+    empty_root = tmp_path / "no_annotations"
+    empty_root.mkdir()
+    cmd = [
+        sys.executable, "-m", "mnv3det.cli",
+        "predict", "--config", str(REPO / "configs" / "ssdlite320_mnv3_small_coco.yaml"),
+        "--data.root", str(empty_root), "--data.init_args.label_map", "contiguous",
+        "--data.init_args.size", str(SIZE), "--data.init_args.num_workers", "0",
+        "--data.init_args.pin_memory", "false", "--data.init_args.predict_dir", str(images),
+        "--model.init_args.num_classes", "5", "--model.init_args.size", str(SIZE),
+        "--trainer.accelerator", "cpu", "--trainer.logger", "false", "--ckpt_path", str(ckpt),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "predictions" / "ssdlite320_mnv3_small_coco"
+    results = json.loads((out / "detections.json").read_text())
+    assert results and {r["category_id"] for r in results} <= set(label_map.values())
+    categories = json.loads((out / "images.json").read_text())["categories"]
+    names = data.class_names
+    assert {(c["id"], c["name"]) for c in categories} == {
+        (cat, names[label]) for label, cat in label_map.items()
+    }

@@ -36,6 +36,7 @@ from mnv3det.models.ssdlite import SSDLite, ssdlite
 from mnv3det.tasks.checkpoints import make_checkpoint_safe
 from mnv3det.tasks.description import datamodule_facts, describe_in_checkpoint
 from mnv3det.tasks.optim import make_ema, set_bn_momentum, sgd_with_schedule
+from mnv3det.weights import DESCRIPTION_KEY
 
 __all__ = ["DetectionTask"]
 
@@ -126,6 +127,8 @@ class DetectionTask(L.LightningModule):
         self.last_results: dict[str, dict[str, float]] = {}
         """Results of the last validation/test per stage (the 12 COCO numbers)."""
         self.last_summary = ""
+        self.data_facts: dict[str, Any] = {}
+        """``label_map`` / ``class_names`` read from a loaded checkpoint (see ``on_load_checkpoint``)."""
         """pycocotools' printed table of the last validation/test."""
 
     # ----------------------------------------------------------------- model
@@ -140,7 +143,12 @@ class DetectionTask(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        classes = getattr(dm, "num_classes", None) if dm is not None else None
+        try:
+            classes = getattr(dm, "num_classes", None) if dm is not None else None
+        except (OSError, ValueError):
+            # No annotation file to count classes from (e.g. predict on a plain folder with a
+            # checkpoint): nothing to check here; fit/validate report the missing file anyway.
+            classes = None
         if isinstance(classes, int) and classes != self.hparams.num_classes:
             raise ValueError(
                 f"DetectionTask: model.num_classes={self.hparams.num_classes} but the data "
@@ -265,7 +273,19 @@ class DetectionTask(L.LightningModule):
 
     def model_description(self) -> dict[str, Any]:
         """The model's description plus the data module's ``label_map`` and ``class_names``."""
-        return {**self.model.description, **datamodule_facts(self, self.model.num_classes)}
+        return {
+            **self.model.description,
+            **self.data_facts,
+            **datamodule_facts(self, self.model.num_classes),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The label map and class names the checkpoint was trained with: predict writes COCO
+        # category ids with them when the data module has no annotation file to read.
+        description = checkpoint.get(DESCRIPTION_KEY) or {}
+        self.data_facts = {
+            k: description[k] for k in ("label_map", "class_names") if k in description
+        }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Keep the .ckpt loadable with torch.load(weights_only=True) (mnv3det.weights refuses

@@ -116,15 +116,34 @@ class DetectionPredictionWriter(BasePredictionWriter):
         self.images_written: Path | None = None
 
     def _label_to_cat_id(self, trainer: L.Trainer) -> dict[int, int] | None:
+        """The data module's label -> category id map; when it cannot read one (no annotation
+        file under ``data.root``), the map stored in the checkpoint being predicted with."""
         dm = getattr(trainer, "datamodule", None)
-        mapping = getattr(dm, "label_to_cat_id", None)
-        return dict(mapping) if mapping is not None else None
+        try:
+            mapping = getattr(dm, "label_to_cat_id", None)
+        except (OSError, ValueError):
+            mapping = None
+        if mapping is None:
+            facts = getattr(trainer.lightning_module, "data_facts", None) or {}
+            mapping = facts.get("label_map")
+        return {int(k): int(v) for k, v in mapping.items()} if mapping is not None else None
+
+    @staticmethod
+    def _class_names(trainer: L.Trainer) -> list[str] | None:
+        """The data module's class names, else the checkpoint's (as for the label map)."""
+        try:
+            names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
+        except (OSError, ValueError):
+            names = None
+        if names is None:
+            facts = getattr(trainer.lightning_module, "data_facts", None) or {}
+            names = facts.get("class_names")
+        return list(names) if names is not None else None
 
     def _categories(self, trainer: L.Trainer) -> list[dict[str, Any]]:
         """``[{"id", "name"}]`` of the data module's categories (empty when it has none)."""
-        dm = getattr(trainer, "datamodule", None)
         mapping = self._label_to_cat_id(trainer) or {}
-        names = getattr(dm, "class_names", None) or []
+        names = self._class_names(trainer) or []
         return [
             {"id": int(cat), "name": str(names[label]) if label < len(names) else str(cat)}
             for label, cat in sorted(mapping.items(), key=lambda item: item[1])
@@ -171,8 +190,7 @@ class DetectionPredictionWriter(BasePredictionWriter):
                 result["file_name"] = info["file_name"]
             self._results.append((info, results))
         if self.draw:
-            dm = getattr(trainer, "datamodule", None)
-            names = getattr(dm, "class_names", None)
+            names = self._class_names(trainer)
             for image, pred, info in zip(images, prediction, infos, strict=True):
                 rel = Path(info["file_name"] or str(info["id"]))
                 path = self.output_dir / "images" / rel.parent / f"{rel.stem}.png"
