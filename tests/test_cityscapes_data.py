@@ -91,9 +91,8 @@ def test_missing_label_file_names_the_file(tmp_path: Path) -> None:
 
 def test_size_mismatch_names_both_files(tmp_path: Path) -> None:
     image_path, label_path = _write_pair(tmp_path, np.zeros((4, 6)), image_size=(4, 5))
-    ds = CityscapesSegmentation(tmp_path)
     with pytest.raises(CityscapesDataError, match="same size") as err:
-        ds[0]
+        CityscapesSegmentation(tmp_path)  # found by the check at construction
     assert str(image_path) in str(err.value) and str(label_path) in str(err.value)
     assert isinstance(err.value, ValueError)
 
