@@ -156,11 +156,13 @@ def test_folder_with_subfolders_and_duplicate_base_names(coco_root, det_task, tm
     assert pictures == sorted(str(Path(rel).with_suffix(".png").as_posix()) for rel in layout)
 
 
-def test_cli_predict_writes_results_that_load_in_cocoeval(coco_root, tmp_path) -> None:
-    """``mnv3det predict`` (a subprocess) on the split folder with a checkpoint from a short fit."""
+def one_step_checkpoint(coco_root, tmp_path, **task_kwargs) -> tuple[Path, CocoDataModule]:
+    """A DetectionTask checkpoint after one training step on ``coco_root`` (and its data)."""
     data = CocoDataModule(coco_root, size=SIZE, batch_size=3, num_workers=0, augment=False)
     torch.manual_seed(0)
-    task = DetectionTask("small", num_classes=5, size=SIZE, lr=0.01, print_table=False)
+    task = DetectionTask(
+        "small", num_classes=5, size=SIZE, lr=0.01, print_table=False, **task_kwargs
+    )
     trainer = L.Trainer(
         accelerator="cpu", max_steps=1, limit_val_batches=0, num_sanity_val_steps=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -169,6 +171,12 @@ def test_cli_predict_writes_results_that_load_in_cocoeval(coco_root, tmp_path) -
     trainer.fit(task, data)
     ckpt = tmp_path / "model.ckpt"
     trainer.save_checkpoint(ckpt)
+    return ckpt, data
+
+
+def test_cli_predict_writes_results_that_load_in_cocoeval(coco_root, tmp_path) -> None:
+    """``mnv3det predict`` (a subprocess) on the split folder with a checkpoint from a short fit."""
+    ckpt, _ = one_step_checkpoint(coco_root, tmp_path)
     cmd = [
         sys.executable, "-c", "import sys; from mnv3det.cli import main; sys.exit(main())",
         "predict", "--config", str(REPO / "configs" / "ssdlite320_mnv3_small_coco.yaml"),
@@ -314,19 +322,7 @@ def test_cli_predict_without_annotations_uses_the_checkpoints_label_map(
 ) -> None:
     """A folder of images and a data root with no annotation file: the category ids and names
     come from the label map stored in the checkpoint."""
-    data = CocoDataModule(coco_root, size=SIZE, batch_size=3, num_workers=0, augment=False)
-    torch.manual_seed(0)
-    task = DetectionTask(
-        "small", num_classes=5, size=SIZE, lr=0.01, score_thresh=0.0, print_table=False
-    )
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=1, limit_val_batches=0, num_sanity_val_steps=0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False,
-    )  # fmt: skip
-    trainer.fit(task, data)
-    ckpt = tmp_path / "model.ckpt"
-    trainer.save_checkpoint(ckpt)
+    ckpt, data = one_step_checkpoint(coco_root, tmp_path, score_thresh=0.0)
     label_map = data.label_to_cat_id
     assert sorted(label_map.values()) != list(range(1, len(label_map) + 1))  # ids have gaps
     images = tmp_path / "phone_photos"

@@ -175,14 +175,18 @@ class ResumableTrainData:
     next training loader made by :meth:`make_train_loader`.
     """
 
+    seed: int | None = None
+    """Seed of the training order and augmentation (drawn by :func:`default_seed` if unset)."""
     _train_loader: ResumableDataLoader | None = None
     _pending_loader_state: dict[str, int] | None = None
 
     def make_train_loader(
-        self, dataset: Dataset, batch_size: int, seed: int, **kwargs: Any
+        self, dataset: Dataset, batch_size: int, **kwargs: Any
     ) -> ResumableDataLoader:
         """A shuffled :class:`ResumableDataLoader` at the checkpointed position, if any."""
-        loader = resumable_loader(dataset, batch_size, seed=seed, **kwargs)
+        if self.seed is None:
+            self.seed = default_seed()
+        loader = resumable_loader(dataset, batch_size, seed=self.seed, **kwargs)
         if self._pending_loader_state is not None:
             loader.load_state_dict(self._pending_loader_state)
             self._pending_loader_state = None

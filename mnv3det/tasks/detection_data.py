@@ -339,12 +339,9 @@ class CocoDataModule(ResumableTrainData, L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise RuntimeError("train data set is not set up; call setup('fit') first")
-        if self.seed is None:
-            self.seed = default_seed()
         return self.make_train_loader(
             self.train_dataset,
             self.batch_size,
-            seed=self.seed,
             num_workers=self.num_workers,
             collate_fn=collate_detection,
             pin_memory=self.pin_memory,

@@ -22,7 +22,7 @@ from mnv3det.data.cityscapes import (
     collate_segmentation,
 )
 from mnv3det.data.cityscapes_labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, PALETTE
-from mnv3det.data.sampling import ResumableTrainData, default_seed
+from mnv3det.data.sampling import ResumableTrainData
 from mnv3det.data.seeding import seed_worker_transforms
 from mnv3det.data.segmentation_transforms import eval_transforms, train_transforms
 
@@ -204,12 +204,9 @@ class CityscapesDataModule(ResumableTrainData, L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        if self.seed is None:
-            self.seed = default_seed()
         return self.make_train_loader(
             self.train_dataset,
             self.batch_size,
-            seed=self.seed,
             drop_last=len(self.train_dataset) >= self.batch_size,  # BN dislikes a tiny batch
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
