@@ -8,9 +8,11 @@ resized to ``size``; validation / test / predict images are left at their own si
 resizes internally and maps boxes back to the original pixels), so evaluation boxes are in the
 pixels of the annotation file.
 
-Data-quality counters (crowd boxes excluded, boxes clipped/dropped, images skipped ...) are
-reported once per epoch: the data module adds a small callback (:class:`DatasetStatsReporter`) to
-the trainer it is attached to, which logs ``stats.report()`` of each data set in use.
+Data problems (images left out, annotations dropped, boxes clipped ...; see
+:mod:`mnv3det.data.coco`) are reported once, at the end of ``fit``, ``validate``, ``test`` and
+``predict``: the data module adds a callback (:class:`DatasetStatsReporter`) to the trainer it is
+attached to, which prints a summary per data set and writes every problem, per file, to
+``skipped.csv`` in the run's log folder (``trainer.log_dir``).
 """
 
 from __future__ import annotations
@@ -29,43 +31,85 @@ from mnv3det.data.coco import (
     CocoDetection,
     DetectionImageFolder,
     collate_detection,
+    load_annotation_file,
 )
 from mnv3det.data.detection_transforms import eval_transforms, train_transforms
+from mnv3det.data.problems import write_problems
 from mnv3det.data.sampling import ResumableTrainData, default_seed
 from mnv3det.data.seeding import seed_worker_transforms
 
-__all__ = ["CocoDataModule", "DatasetStatsReporter"]
+__all__ = ["CocoDataModule", "DatasetStatsReporter", "add_stats_reporter"]
 
 
 class DatasetStatsReporter(L.Callback):
-    """Logs the data sets' drop/clip/skip counters once per epoch (rank zero only).
+    """Prints the data sets' summaries and writes ``skipped.csv`` once, at the end of a run.
 
-    Added automatically by :class:`CocoDataModule`; counts made in DataLoader workers are
-    included (they are kept in shared memory)."""
+    Added automatically by :class:`CocoDataModule` and
+    :class:`~mnv3det.tasks.segmentation_data.CityscapesDataModule`. At the end of ``fit``,
+    ``validate``, ``test`` and ``predict`` (and when a run stops on an exception) it reads
+    ``datamodule.datasets_in_use(stage)``, prints ``stats.report()`` of each (rank zero only)
+    and writes all their problems to ``<trainer.log_dir>/skipped.csv`` (columns split, file,
+    reason, detail) when there are any. Problems found while reading items in DataLoader workers
+    are included (shared memory) and a file counts once however often it was read.
 
-    def __init__(self) -> None:
-        self._reported: set[str] = set()
+    Args:
+        file_name: name of the CSV file in the log folder.
+    """
 
-    @staticmethod
-    def _report(trainer: L.Trainer, names: tuple[str, ...]) -> None:
+    def __init__(self, file_name: str = "skipped.csv") -> None:
+        self.file_name = file_name
+        self.written: Path | None = None
+        self.summary: str = ""
+
+    def _finish(self, trainer: L.Trainer, stage: str) -> None:
         dm = trainer.datamodule
-        if dm is None:
+        datasets_in_use = getattr(dm, "datasets_in_use", None)
+        if dm is None or datasets_in_use is None or trainer.global_rank != 0:
             return
-        for name in names:
-            dataset = getattr(dm, name, None)
-            stats = getattr(dataset, "stats", None)
-            if stats is not None:
-                rank_zero_info(f"[data] epoch {trainer.current_epoch}: {stats.report()}")
+        datasets = [d for d in datasets_in_use(stage) if getattr(d, "stats", None) is not None]
+        if not datasets:
+            return
+        problems = [row for d in datasets for row in d.stats.problems]
+        lines = [d.stats.report() for d in datasets]
+        self.written = None
+        if problems:
+            folder = Path(trainer.log_dir or trainer.default_root_dir)
+            self.written = write_problems(folder / self.file_name, problems)
+            files = len({(row.split, row.file) for row in problems})
+            lines.append(
+                f"{len(problems)} problems in {files} files, each with its reason: {self.written}"
+            )
+        else:
+            lines.append("nothing was skipped, dropped or unreadable")
+        self.summary = "\n".join(lines)
+        rank_zero_info("\n".join(f"[data] {line}" for line in self.summary.splitlines()))
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._report(trainer, ("train_dataset", "val_dataset"))
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish(trainer, "fit")
 
-    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.training and not trainer.sanity_checking:  # plain `validate`
-            self._report(trainer, ("val_dataset",))
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "validate":  # plain `validate`, not validation inside fit
+            self._finish(trainer, "validate")
 
-    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._report(trainer, ("test_dataset",))
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish(trainer, "test")
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish(trainer, "predict")
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._finish(trainer, str(trainer.state.fn or "fit"))
+
+
+def add_stats_reporter(trainer: L.Trainer | None) -> None:
+    """Add one :class:`DatasetStatsReporter` to ``trainer`` (a no-op when it has one)."""
+    if trainer is not None and not any(
+        isinstance(cb, DatasetStatsReporter) for cb in trainer.callbacks
+    ):
+        # LightningDataModule has no end-of-run hooks; a callback reports the problems.
+        trainer.callbacks.append(DatasetStatsReporter())
 
 
 class CocoDataModule(ResumableTrainData, L.LightningDataModule):
@@ -87,8 +131,12 @@ class CocoDataModule(ResumableTrainData, L.LightningDataModule):
             with their COCO image ids, so predictions can be evaluated).
         empty_images: ``"keep"`` training images without boxes as negatives, or ``"skip"`` them
             (validation / test always keep every image: COCOeval scores false positives on them).
-        on_error: ``"raise"`` on unknown category ids, missing or unreadable images, or ``"skip"``
-            and count them.
+        on_error: ``"raise"``: every problem the check at setup finds (unknown category or
+            image ids, missing, unreadable or truncated images, image sizes disagreeing with the
+            annotation file, duplicate image ids) is an error naming it and the fix. ``"skip"``:
+            such images are left out of the index before sampling, such annotations out of the
+            targets; everything left out is listed in ``skipped.csv`` in the run's log folder and
+            summarised at the end of the run (see :mod:`mnv3det.data.coco`).
         augment: use the SSD augmentation for training (``False``: training images are used as
             they are, like validation ones).
         pin_memory: DataLoader ``pin_memory``.
@@ -164,8 +212,7 @@ class CocoDataModule(ResumableTrainData, L.LightningDataModule):
                 for split in (self.val_split, self.train_split):
                     ann_file = self.root / "annotations" / f"instances_{split}.json"
                     if ann_file.is_file():
-                        with open(ann_file) as f:
-                            self._categories = list(json.load(f).get("categories", []))
+                        self._categories = list(load_annotation_file(ann_file)["categories"])
                         break
                 else:
                     raise FileNotFoundError(
@@ -233,12 +280,18 @@ class CocoDataModule(ResumableTrainData, L.LightningDataModule):
         if stage in (None, "predict") and self.predict_dataset is None:
             self.predict_dataset = self._predict_dataset()
         self._check_same_label_space()
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None and not any(
-            isinstance(cb, DatasetStatsReporter) for cb in trainer.callbacks
-        ):
-            # LightningDataModule has no epoch hooks; a callback reports the stats per epoch.
-            trainer.callbacks.append(DatasetStatsReporter())
+        add_stats_reporter(getattr(self, "trainer", None))
+
+    def datasets_in_use(self, stage: str) -> list[Dataset]:
+        """The data sets ``stage`` (``fit``/``validate``/``test``/``predict``) reads, built ones
+        only (for :class:`DatasetStatsReporter`)."""
+        names = {
+            "fit": ("train_dataset", "val_dataset"),
+            "validate": ("val_dataset",),
+            "test": ("test_dataset",),
+            "predict": ("predict_dataset",),
+        }.get(stage, ())
+        return [d for d in (getattr(self, n) for n in names) if d is not None]
 
     def _check_same_label_space(self) -> None:
         datasets = [d for d in (self.train_dataset, self.val_dataset, self.test_dataset) if d]
@@ -358,7 +411,7 @@ class CocoDataModule(ResumableTrainData, L.LightningDataModule):
         return self._loader(self.predict_dataset, shuffle=False, name="predict")
 
     def report_stats(self) -> str:
-        """The stats lines of every data set set up so far (also logged per epoch)."""
+        """The summaries of every data set set up so far (printed at the end of a run)."""
         lines = [
             d.stats.report()
             for d in (self.train_dataset, self.val_dataset, self.test_dataset)

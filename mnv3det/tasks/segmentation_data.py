@@ -5,6 +5,10 @@ Configs name it ``mnv3det.tasks.segmentation_data.CityscapesDataModule``; with
 :mod:`mnv3det.data.cityscapes`), trains on random-scaled, padded, flipped and jittered crops
 (:mod:`mnv3det.data.segmentation_transforms`) and validates on full images. The same module
 reads the generated street scenes of :mod:`mnv3det.data.synthetic_cityscapes` for the demo.
+
+Every image/label pair is checked at setup (``on_error``, see :mod:`mnv3det.data.cityscapes`);
+what was left out is summarised at the end of the run and listed in ``skipped.csv`` in the run's
+log folder (:class:`mnv3det.tasks.detection_data.DatasetStatsReporter`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from mnv3det.data.cityscapes_labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSE
 from mnv3det.data.sampling import ResumableTrainData
 from mnv3det.data.seeding import seed_worker_transforms
 from mnv3det.data.segmentation_transforms import eval_transforms, train_transforms
+from mnv3det.tasks.detection_data import add_stats_reporter
 
 
 class CityscapesDataModule(ResumableTrainData, L.LightningDataModule):
@@ -59,6 +64,11 @@ class CityscapesDataModule(ResumableTrainData, L.LightningDataModule):
             generator at setup, so ``seed_everything`` makes runs repeatable). Each image's
             augmentation is a function of (seed, epoch, image), so a resumed run
             (``--ckpt_path last``) equals an uninterrupted one (:mod:`mnv3det.data.sampling`).
+        on_error: ``"raise"``: a missing or unreadable image or label file, an image and label
+            of different sizes or label values outside the known ids is an error at setup naming
+            the files and the fix. ``"skip"``: such pairs (and unreadable prediction images) are
+            left out before sampling, listed in ``skipped.csv`` in the run's log folder and
+            summarised at the end of the run.
     """
 
     def __init__(
@@ -79,8 +89,11 @@ class CityscapesDataModule(ResumableTrainData, L.LightningDataModule):
         hflip_p: float = 0.5,
         color_jitter: float = 0.3,
         seed: int | None = None,
+        on_error: Literal["raise", "skip"] = "raise",
     ) -> None:
         super().__init__()
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
             raise ValueError(
                 f"batch_size and val_batch_size must be >= 1, got {batch_size}, {val_batch_size}"
@@ -104,6 +117,7 @@ class CityscapesDataModule(ResumableTrainData, L.LightningDataModule):
         self.hflip_p = hflip_p
         self.color_jitter = color_jitter
         self.seed = seed
+        self.on_error = on_error
         self._train: CityscapesSegmentation | None = None
         self._val: CityscapesSegmentation | None = None
         self._test: CityscapesSegmentation | None = None
@@ -129,6 +143,7 @@ class CityscapesDataModule(ResumableTrainData, L.LightningDataModule):
                     color_jitter=self.color_jitter,
                 ),
                 label_type=self.label_type,
+                on_error=self.on_error,
             )
         return self._train
 
@@ -168,7 +183,9 @@ class CityscapesDataModule(ResumableTrainData, L.LightningDataModule):
                     "CityscapesDataModule has no predict_dir; set --data.predict_dir to a folder "
                     "of images (e.g. ROOT/leftImg8bit/test)"
                 )
-            self._predict = SegmentationImageFolder(self.predict_dir, resize=self.val_resize)
+            self._predict = SegmentationImageFolder(
+                self.predict_dir, resize=self.val_resize, on_error=self.on_error
+            )
         return self._predict
 
     def _eval_dataset(self, split: str) -> CityscapesSegmentation:
@@ -177,6 +194,7 @@ class CityscapesDataModule(ResumableTrainData, L.LightningDataModule):
             split,
             transforms=eval_transforms(self.val_resize),
             label_type=self.label_type,
+            on_error=self.on_error,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -189,6 +207,18 @@ class CityscapesDataModule(ResumableTrainData, L.LightningDataModule):
             _ = self.test_dataset
         if stage == "predict":
             _ = self.predict_dataset
+        add_stats_reporter(getattr(self, "trainer", None))
+
+    def datasets_in_use(self, stage: str) -> list[Dataset]:
+        """The data sets ``stage`` (``fit``/``validate``/``test``/``predict``) reads, built ones
+        only (for :class:`~mnv3det.tasks.detection_data.DatasetStatsReporter`)."""
+        built = {
+            "fit": (self._train, self._val),
+            "validate": (self._val,),
+            "test": (self._test,),
+            "predict": (self._predict,),
+        }.get(stage, ())
+        return [d for d in built if d is not None]
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(
