@@ -12,8 +12,8 @@ from conftest import randomize_bn_stats
 from test_inference import assert_same_detections, spread_head
 
 import mnv3det
-from mnv3det.deploy import SegmenterDeploy, dense_to_list
-from mnv3det.export import main as export_main
+from mnv3det.deploy.wrappers import SegmenterDeploy, dense_to_list
+from mnv3det.deploy.onnx import main as export_main
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -109,7 +109,7 @@ def test_export_cli_errors(tmp_path, capsys):
 def test_benchmark_table_small(capsys):
     """The benchmark runs (tiny sizes, one iteration) and prints one markdown table: LR-ASPP
     in-process through the ONNX export path, SSDLite in a subprocess (its own peak memory)."""
-    from mnv3det.benchmark import main as benchmark_main
+    from mnv3det.deploy.benchmark.runner import main as benchmark_main
 
     common = ["--batch-sizes", "2", "--iters", "1", "--warmup", "0"]
     seg = ["--models", "lraspp", *common, "--seg-size", "64x96", "--in-process"]
@@ -130,7 +130,7 @@ def test_benchmark_table_small(capsys):
 
 
 def test_benchmark_merge_rounds_pools_timings():
-    from mnv3det.benchmark import merge_rounds, summarise
+    from mnv3det.deploy.benchmark.runner import merge_rounds, summarise
 
     base = {"model": "ssdlite", "config": "fused", "batch": 1}
     rounds = [
@@ -145,7 +145,7 @@ def test_benchmark_merge_rounds_pools_timings():
 
 
 def test_benchmark_rejects_unknown_config():
-    from mnv3det.benchmark import main as benchmark_main
+    from mnv3det.deploy.benchmark.runner import main as benchmark_main
 
     with pytest.raises(SystemExit):
         benchmark_main(["--configs", "tensorrt"])

@@ -12,8 +12,8 @@
 
 The dynamo exporter (``torch.onnx.export(dynamo=True)``) is used, opset 18; the NMS custom op is
 translated by :func:`mnv3det.deploy.onnx_translation_table`. BatchNorms are folded first
-(:func:`mnv3det.inference.fuse_conv_bn`), so the file holds the inference graph. ``--int8``
-also writes ``FILE.int8.onnx`` (or ``--int8-output``) with :mod:`mnv3det.quantize`.
+(:func:`mnv3det.deploy.fast.fuse_conv_bn`), so the file holds the inference graph. ``--int8``
+also writes ``FILE.int8.onnx`` (or ``--int8-output``) with :mod:`mnv3det.deploy.int8`.
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from mnv3det.deploy import (
+from mnv3det.deploy.wrappers import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     SegmenterDeploy,
     SSDLiteDeploy,
     onnx_translation_table,
 )
-from mnv3det.inference import fuse_conv_bn
+from mnv3det.deploy.fast import fuse_conv_bn
 
 __all__ = ["ExportError", "export_lraspp", "export_onnx", "export_ssdlite", "main"]
 
@@ -296,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.check:
             print(check_onnx(model, output, args.model))
         if args.int8:
-            from mnv3det.quantize import calibration_images, quantize_onnx
+            from mnv3det.deploy.int8 import calibration_images, quantize_onnx
 
             int8 = Path(args.int8_output or output.with_suffix(".int8.onnx"))
             images = calibration_images(

@@ -182,7 +182,7 @@ class SSDLiteDeploy(nn.Module):
 class FastSSDLite(nn.Module):
     """Fast PyTorch inference for SSDLite with torchvision's output format.
 
-    BatchNorms folded into the convolutions (:func:`mnv3det.inference.optimize_for_inference`,
+    BatchNorms folded into the convolutions (:func:`mnv3det.deploy.fast.optimize_for_inference`,
     optionally channels_last), batched pre-processing (one normalise + resize for a batch of
     same-size images) and the dense post-processing of :class:`SSDLiteDeploy` (no loop over
     images or classes; NMS is :func:`nms_keep_mask`). Detections equal the original model's.
@@ -197,7 +197,7 @@ class FastSSDLite(nn.Module):
         self, model: nn.Module, channels_last: bool = False, **deploy_kwargs: float | int | None
     ) -> None:
         super().__init__()
-        from mnv3det.inference import optimize_for_inference
+        from mnv3det.deploy.fast import optimize_for_inference
 
         self.channels_last = channels_last
         self.deploy = SSDLiteDeploy(

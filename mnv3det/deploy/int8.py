@@ -1,7 +1,7 @@
 """Post-training static int8 quantisation of the exported ONNX graphs (deployment; paper §7).
 
 Why onnxruntime's quantiser and not torchao's PT2E flow: the deployment artefact here is the ONNX
-graph (:mod:`mnv3det.export`), and onnxruntime's int8 kernels use this CPU's AVX512-VNNI
+graph (:mod:`mnv3det.deploy.onnx`), and onnxruntime's int8 kernels use this CPU's AVX512-VNNI
 instructions directly; PT2E (``torchao.quantization.pt2e`` with ``X86InductorQuantizer``) only
 becomes fast after ``torch.compile`` lowers it through Inductor (a C++ toolchain and minutes of
 compilation per shape), and its output stays a PyTorch program. torchao is also not a dependency
@@ -117,7 +117,7 @@ def quantize_onnx(
     """Static int8 (QDQ) quantisation of an mnv3det ONNX export.
 
     Args:
-        fp32_path: the float model (from :mod:`mnv3det.export`).
+        fp32_path: the float model (from :mod:`mnv3det.deploy.onnx`).
         int8_path: where to write the int8 model.
         images: calibration images, ``(3, H, W)`` float in ``[0, 1]`` (a few hundred).
         per_channel: per-output-channel weight scales (needed for depthwise convolutions,
@@ -334,8 +334,8 @@ def detection_accuracy(
     import torch
 
     import mnv3det
-    from mnv3det.deploy import dense_to_list
-    from mnv3det.export import export_ssdlite
+    from mnv3det.deploy.wrappers import dense_to_list
+    from mnv3det.deploy.onnx import export_ssdlite
     from mnv3det.metrics.coco import CocoMetric
     from mnv3det.models.from_checkpoint import load_model, save_model
     from mnv3det.tasks.detection_data import CocoDataModule
@@ -439,8 +439,8 @@ def segmentation_accuracy(
     import torch.nn.functional as F
 
     import mnv3det
-    from mnv3det.deploy import SegmenterDeploy
-    from mnv3det.export import export_lraspp
+    from mnv3det.deploy.wrappers import SegmenterDeploy
+    from mnv3det.deploy.onnx import export_lraspp
     from mnv3det.metrics.segmentation import SegmentationMetrics
     from mnv3det.tasks.segmentation_data import CityscapesDataModule
 
@@ -502,12 +502,12 @@ def segmentation_accuracy(
 
 
 def main(argv=None) -> int:
-    """``python -m mnv3det.quantize``: measure the int8 accuracy cost on a data set."""
+    """``python -m mnv3det.deploy.int8``: measure the int8 accuracy cost on a data set."""
     import argparse
     import json
 
     parser = argparse.ArgumentParser(
-        prog="python -m mnv3det.quantize",
+        prog="python -m mnv3det.deploy.int8",
         description="fp32 vs int8 accuracy (AP/AP50 or mIoU) of the exported ONNX models",
     )
     parser.add_argument("--model", choices=("ssdlite", "lraspp"), required=True)

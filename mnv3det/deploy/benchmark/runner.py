@@ -2,13 +2,13 @@
 
 For SSDLite320-MobileNetV3-Large and LR-ASPP-MobileNetV3-Large it builds torchvision's model
 with random weights, loads its ``state_dict`` into ours (``weights=``, so both compute the same
-function), exports ONNX fp32 (with decoding + NMS for SSDLite) and int8 (:mod:`mnv3det.quantize`)
+function), exports ONNX fp32 (with decoding + NMS for SSDLite) and int8 (:mod:`mnv3det.deploy.int8`)
 and times, at each batch size:
 
 * ``torchvision``: torchvision's model in eager mode (its own transform and post-processing);
 * ``ours eager``: our model as trained (BatchNorms, our batched post-processing);
 * ``ours fused`` / ``ours fused+CL``: :class:`mnv3det.deploy.FastSSDLite` /
-  :func:`mnv3det.inference.optimize_for_inference` (conv+BN folded; CL = channels_last);
+  :func:`mnv3det.deploy.fast.optimize_for_inference` (conv+BN folded; CL = channels_last);
 * ``ONNX fp32`` / ``ONNX int8``: onnxruntime, CPU provider, all graph optimisations.
 
 Every configuration runs in its own subprocess (so the peak resident memory, ``ru_maxrss``, is
@@ -107,7 +107,7 @@ def count_madds(model: nn.Module, example: Tensor) -> int:
 def _runner(spec: dict) -> tuple[Callable, list[tuple[str, Callable]]]:
     """``(end_to_end(images), [(stage name, thunk-chain builder)...])`` for one config."""
     kind, config = spec["model"], spec["config"]
-    from mnv3det.deploy import IMAGENET_MEAN, IMAGENET_STD
+    from mnv3det.deploy.wrappers import IMAGENET_MEAN, IMAGENET_STD
 
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -192,7 +192,7 @@ def _runner(spec: dict) -> tuple[Callable, list[tuple[str, Callable]]]:
                 ]
 
             return model, stages
-        from mnv3det.deploy import FastSSDLite
+        from mnv3det.deploy.wrappers import FastSSDLite
 
         fast = FastSSDLite(model, channels_last=config == "fused_cl")
 
@@ -210,7 +210,7 @@ def _runner(spec: dict) -> tuple[Callable, list[tuple[str, Callable]]]:
     # LR-ASPP: normalise -> logits -> argmax
     channels_last = config == "fused_cl"
     if config in ("fused", "fused_cl"):
-        from mnv3det.inference import optimize_for_inference
+        from mnv3det.deploy.fast import optimize_for_inference
 
         model = optimize_for_inference(model, channels_last=channels_last)
 
@@ -315,7 +315,7 @@ def peak_rss_mb() -> float:
 # ----------------------------------------------------------------------------- parent side
 def prepare(kind: str, workdir: Path, input_size: tuple[int, int], calib: int, configs) -> dict:
     """Weights file, ONNX exports (fp32, int8) and params/MAdds of one model."""
-    from mnv3det.export import export_lraspp, export_onnx, export_ssdlite
+    from mnv3det.deploy.onnx import export_lraspp, export_onnx, export_ssdlite
 
     tv = torchvision_model(kind)
     weights = workdir / f"{kind}_weights.pt"
@@ -332,8 +332,8 @@ def prepare(kind: str, workdir: Path, input_size: tuple[int, int], calib: int, c
         return info
     fp32 = workdir / f"{kind}.onnx"
     if kind == "ssdlite":
-        from mnv3det.deploy import SSDLiteDeploy
-        from mnv3det.inference import fuse_conv_bn
+        from mnv3det.deploy.wrappers import SSDLiteDeploy
+        from mnv3det.deploy.fast import fuse_conv_bn
 
         export_ssdlite(ours, fp32)
         network = workdir / f"{kind}_network.onnx"
@@ -353,7 +353,7 @@ def prepare(kind: str, workdir: Path, input_size: tuple[int, int], calib: int, c
         calib_size = (input_size[0] // 2, input_size[1] // 2)
     info["onnx_fp32"] = str(fp32)
     if "onnx_int8" in configs:
-        from mnv3det.quantize import quantize_onnx
+        from mnv3det.deploy.int8 import quantize_onnx
 
         images = [torch.rand(3, *calib_size, generator=gen).numpy() for _ in range(calib)]
         info["onnx_int8"] = str(quantize_onnx(fp32, workdir / f"{kind}.int8.onnx", images))
@@ -369,7 +369,7 @@ def _spawn(spec: dict) -> dict:
     if spec.get("passive"):
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     proc = subprocess.run(
-        [sys.executable, "-m", "mnv3det.benchmark", "--worker", json.dumps(spec)],
+        [sys.executable, "-m", "mnv3det.deploy.benchmark.runner", "--worker", json.dumps(spec)],
         capture_output=True,
         text=True,
         env=env,
