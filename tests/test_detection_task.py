@@ -182,3 +182,18 @@ def test_cli_fit_from_config_writes_last_ckpt(overfit, tmp_path, monkeypatch) ->
     lasts = list(tmp_path.rglob("last.ckpt"))
     assert len(lasts) == 1
     assert list(tmp_path.rglob("metrics.csv")) and list(tmp_path.rglob("events.out.tfevents*"))
+
+
+def test_data_module_takes_the_training_size_from_the_model(overfit, tmp_path) -> None:
+    """``data.size: null`` (the configs): training images are resized to ``model.size``."""
+    data = CocoDataModule(overfit["root"], size=None, batch_size=2, num_workers=0)
+    task = DetectionTask("small", num_classes=5, size=(96, 64), print_table=False)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, limit_val_batches=0, num_sanity_val_steps=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(task, data)
+    image, _ = data.train_dataset[0]
+    assert tuple(image.shape[-2:]) == (96, 64)
+    assert CocoDataModule(overfit["root"]).training_size() == 320  # without a model

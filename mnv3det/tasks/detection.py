@@ -137,6 +137,11 @@ class DetectionTask(L.LightningModule):
         """The weights used for evaluation and prediction: the EMA ones when enabled."""
         return self.ema.module if self.ema is not None else self.model
 
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """The network input ``(H, W)``; the data module resizes training images to it."""
+        return tuple(self.model.size)
+
     def forward(self, images: Sequence[Tensor] | Tensor) -> list[dict[str, Tensor]]:
         """Detections (eval mode) of ``[0, 1]`` images of any size."""
         return self.eval_model(images)
@@ -157,7 +162,9 @@ class DetectionTask(L.LightningModule):
                 "or (with --ckpt_path) the data.label_map the checkpoint was trained with"
             )
         data_size = getattr(dm, "size", None) if dm is not None else None
-        if isinstance(data_size, int) and data_size != self.hparams.size:
+        if isinstance(data_size, int):
+            data_size = (data_size, data_size)
+        if data_size is not None and tuple(data_size) != self.input_size:
             raise ValueError(
                 f"DetectionTask: model.size={self.hparams.size} (with --ckpt_path: the size the "
                 f"checkpoint was trained with) but data.size={data_size}; pass --data.size "

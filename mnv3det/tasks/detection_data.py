@@ -38,6 +38,9 @@ from mnv3det.data.problems import write_problems
 from mnv3det.data.sampling import ResumableTrainData, default_seed
 from mnv3det.data.seeding import seed_worker_transforms
 
+DEFAULT_SIZE = 320
+"""Training input side of a data module used without a model (torchvision's SSDLite320)."""
+
 __all__ = ["CocoDataModule", "DatasetStatsReporter", "add_stats_reporter"]
 
 
@@ -118,8 +121,10 @@ class CocoDataModule(ResumableTrainData, L.LightningDataModule):
     Args:
         root: data set folder in the official layout (``train2017/``, ``val2017/``,
             ``annotations/instances_{split}.json``).
-        size: training input side; training images are augmented and resized to ``size`` x
-            ``size`` (torchvision's SSDLite: 320).
+        size: training input side (``int`` or ``(H, W)``); training images are augmented and
+            resized to it. ``None`` (the configs' choice): the model's input size, asked from
+            the task at setup (``DetectionTask.input_size``), so it is written once; 320 when
+            the data module is used without a model.
         batch_size: images per batch per device (torchvision's recipe: 24 per GPU).
         num_workers: DataLoader worker processes.
         label_map: ``"contiguous"`` (labels 1..K) or ``"torchvision91"`` (label == COCO category
@@ -152,7 +157,7 @@ class CocoDataModule(ResumableTrainData, L.LightningDataModule):
     def __init__(
         self,
         root: str | Path,
-        size: int = 320,
+        size: int | tuple[int, int] | None = None,
         batch_size: int = 24,
         num_workers: int = 4,
         label_map: str = "contiguous",
@@ -173,7 +178,7 @@ class CocoDataModule(ResumableTrainData, L.LightningDataModule):
             raise ValueError(
                 f"label_map must be 'contiguous' or 'torchvision91'; got {label_map!r}"
             )
-        if size < 32:
+        if size is not None and min((size, size) if isinstance(size, int) else size) < 32:
             raise ValueError(f"size must be at least 32 pixels; got {size}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
@@ -248,12 +253,21 @@ class CocoDataModule(ResumableTrainData, L.LightningDataModule):
         return names
 
     # ------------------------------------------------------------------ data sets
+    def training_size(self) -> int | tuple[int, int]:
+        """``size``; else the input size of the model being trained (asked through the trainer);
+        else 320 (SSDLite320, for a data module used on its own)."""
+        if self.size is not None:
+            return self.size
+        trainer = getattr(self, "trainer", None)
+        model_size = getattr(getattr(trainer, "lightning_module", None), "input_size", None)
+        return model_size if model_size is not None else DEFAULT_SIZE
+
     def _dataset(self, split: str, train: bool) -> CocoDetection:
         if train and self.augment:
             if self.seed is None:
                 self.seed = default_seed()
             transforms = train_transforms(
-                self.size,
+                self.training_size(),
                 zoom_out_max_scale=self.zoom_out_max_scale,
                 photometric=self.photometric,
                 seed=self.seed,
