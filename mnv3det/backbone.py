@@ -13,9 +13,15 @@ Taps (see :meth:`MobileNetV3Backbone.available_taps`):
 * ``stage{k}_expand``: the expansion-layer output of the first (strided) block of stage k,
   still at the previous stride. ``stage5_expand`` is the paper's SSDLite C4 (§6.3): 672 ch
   (Large) / 288 ch (Small) at stride 16.
+* ``block{i}``: the output of the i-th bneck (inverted-residual) block, ``i`` = 1 .. 15 (Large)
+  / 1 .. 11 (Small), counted from 1 like the rows of the paper's tables; it is
+  ``features[i]`` of torchvision's ``MobileNetV3`` (``features[0]`` is the stem). An integer
+  ``i`` in ``taps`` means ``block{i}``. A stage tap is the block tap of the stage's last block
+  under another name (Large: ``stage3`` = ``block6``); ``block4`` of Large is the first
+  stride-8 block, torchvision's LR-ASPP low tap.
 
-With ``dilated=True`` the last stage keeps stride 16 and uses dilation 2 (§6.4), so ``stage5``
-and ``last_conv`` report stride 16.
+With ``dilated=True`` the last stage keeps stride 16 and uses dilation 2 (§6.4), so ``stage5``,
+the blocks of stage 5 and ``last_conv`` report stride 16.
 """
 
 from __future__ import annotations
@@ -96,6 +102,30 @@ class _TapSpec(NamedTuple):
     expansion: bool  # tap the expansion output of that block instead of its output
 
 
+def block_stages(arch: str) -> list[int]:
+    """Stage (1..5) of every bneck block, ``block1`` first.
+
+    Stage k is the run of blocks whose nominal output stride (without dilation) is ``2**k``;
+    a stage starts with its strided block.
+
+    Example:
+        >>> block_stages("large")
+        [1, 2, 2, 3, 3, 3, 4, 4, 4, 4, 4, 4, 5, 5, 5]
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"mobilenet_v3: arch must be one of {sorted(ARCHS)}, got {arch!r}")
+    stages, nominal = [], 2  # the stem has stride 2
+    for row in ARCHS[arch]["rows"]:
+        nominal *= row[5]
+        stages.append(nominal.bit_length() - 1)
+    return stages
+
+
+def block_tap(index: int) -> str:
+    """Name of the tap at the output of bneck block ``index`` (1-based): ``"block{index}"``."""
+    return f"block{index}"
+
+
 def block_configs(
     arch: str, width_mult: float = 1.0, reduced_tail: bool = False, dilated: bool = False
 ) -> tuple[int, list[BlockConfig], int, int]:
@@ -148,6 +178,40 @@ def block_configs(
     return scale(spec["stem"]), blocks, last_conv, classifier
 
 
+def _tap_specs(arch: str, width_mult: float, reduced_tail: bool, dilated: bool) -> list[_TapSpec]:
+    """Every tap of a variant, in execution order (an expansion before its block's output)."""
+    stem, configs, last_conv, _ = block_configs(arch, width_mult, reduced_tail, dilated)
+    specs: list[_TapSpec] = []
+    stride = 2
+    stage_end: dict[int, tuple[int, int, int]] = {1: (0, stem, 2)}
+    for index, (cfg, stage) in enumerate(zip(configs, block_stages(arch)), start=1):
+        if cfg.stride == 2:  # the first block of ``stage``: its expansion is at the old stride
+            if cfg.expanded != cfg.in_channels:
+                name = f"stage{stage}_expand"
+                specs.append(_TapSpec(FeatureInfo(name, cfg.expanded, stride), index, True))
+            stride *= 1 if cfg.dilation > 1 else 2
+        info = FeatureInfo(block_tap(index), cfg.out_channels, stride)
+        specs.append(_TapSpec(info, index, False))
+        stage_end[stage] = (index, cfg.out_channels, stride)
+    for stage, (index, channels, tap_stride) in stage_end.items():
+        specs.append(_TapSpec(FeatureInfo(f"stage{stage}", channels, tap_stride), index, False))
+    specs.append(_TapSpec(FeatureInfo("last_conv", last_conv, stride), len(configs) + 1, False))
+    # Stable sort: at one index ``block{i}`` comes before the stage tap naming the same output.
+    specs.sort(key=lambda s: (s.index, not s.expansion))
+    return specs
+
+
+def tap_info(
+    arch: str = "large", width_mult: float = 1.0, reduced_tail: bool = False, dilated: bool = False
+) -> list[FeatureInfo]:
+    """Every tap of a variant with channels and stride, without building it.
+
+    The same list as :meth:`MobileNetV3Backbone.available_taps` of
+    ``mobilenet_v3(arch, width_mult, reduced_tail, dilated)``.
+    """
+    return [spec.info for spec in _tap_specs(arch, width_mult, reduced_tail, dilated)]
+
+
 class MobileNetV3Backbone(nn.Module):
     """MobileNetV3 feature extractor returning an OrderedDict of named taps in stride order.
 
@@ -161,7 +225,7 @@ class MobileNetV3Backbone(nn.Module):
         width_mult: float = 1.0,
         reduced_tail: bool = False,
         dilated: bool = False,
-        taps: Sequence[str] | None = None,
+        taps: Sequence[str | int] | None = None,
         weights: str | Path | Mapping[str, Tensor] | None = None,
         norm_layer: NormLayer | None = None,
         frozen_stages: int = 0,
@@ -182,16 +246,22 @@ class MobileNetV3Backbone(nn.Module):
         layers += [InvertedResidual(cfg, norm_layer) for cfg in configs]
         layers.append(conv_bn_act(configs[-1].out_channels, last_conv, 1, 1, norm_layer))
         self.features = nn.Sequential(*layers)
-        self._all_taps = self._tap_specs(stem, configs, last_conv)
-        self.stage_of_layer = self._stage_of_layers(configs)
+        self._all_taps = _tap_specs(arch, width_mult, reduced_tail, dilated)
+        stages = block_stages(arch)
+        self.stage_of_layer = [1, *stages, stages[-1]]  # stem, blocks, last conv
 
-        selected = list(taps) if taps is not None else list(self.default_taps())
+        selected = [
+            block_tap(t) if isinstance(t, int) else t
+            for t in (taps if taps is not None else self.default_taps())
+        ]
         by_name = {spec.info.name: spec for spec in self._all_taps}
         unknown = [name for name in selected if name not in by_name]
         if unknown or not selected:
+            named = [name for name in by_name if not name.startswith("block")]
             raise ValueError(
                 f"mobilenet_v3: unknown tap(s) {unknown or selected!r}; valid taps for "
-                f"{arch!r}: {', '.join(by_name)}"
+                f"{arch!r}: {', '.join(named)}, block1 .. {block_tap(len(configs))} "
+                "(or the block index as an int)"
             )
         if len(set(selected)) != len(selected):
             raise ValueError(f"mobilenet_v3: taps contains duplicates: {selected}")
@@ -219,42 +289,21 @@ class MobileNetV3Backbone(nn.Module):
                 layer.requires_grad_(False)
 
     # ------------------------------------------------------------------ taps
-    def _tap_specs(self, stem: int, configs: list[BlockConfig], last_conv: int) -> list[_TapSpec]:
-        specs: list[_TapSpec] = []
-        stride, nominal = 2, 2
-        stage_end: dict[int, tuple[int, int, int]] = {1: (0, stem, 2)}
-        for index, cfg in enumerate(configs, start=1):
-            if cfg.stride == 2:
-                stage = nominal.bit_length()  # stage that this block starts (2 -> 2, 4 -> 3, ...)
-                if cfg.expanded != cfg.in_channels:
-                    name = f"stage{stage}_expand"
-                    specs.append(_TapSpec(FeatureInfo(name, cfg.expanded, stride), index, True))
-                nominal *= 2
-                stride *= 1 if cfg.dilation > 1 else 2
-            stage_end[nominal.bit_length() - 1] = (index, cfg.out_channels, stride)
-        for stage, (index, channels, tap_stride) in stage_end.items():
-            specs.append(_TapSpec(FeatureInfo(f"stage{stage}", channels, tap_stride), index, False))
-        specs.append(_TapSpec(FeatureInfo("last_conv", last_conv, stride), len(configs) + 1, False))
-        # Execution order: by layer index, an expansion tap before its block's output.
-        specs.sort(key=lambda s: (s.index, not s.expansion))
-        return specs
-
-    @staticmethod
-    def _stage_of_layers(configs: list[BlockConfig]) -> list[int]:
-        stages, nominal = [1], 2
-        for cfg in configs:
-            nominal *= cfg.stride
-            stages.append(nominal.bit_length() - 1)
-        return [*stages, stages[-1]]
-
     @staticmethod
     def default_taps() -> tuple[str, ...]:
         """One tap per stride, deepest first-class feature at each (timm's ``features_only``)."""
         return ("stage1", "stage2", "stage3", "stage4", "last_conv")
 
-    def available_taps(self) -> list[FeatureInfo]:
-        """Every tap this variant offers, in execution (= stride) order."""
-        return [spec.info for spec in self._all_taps]
+    def available_taps(self, blocks: bool = True) -> list[FeatureInfo]:
+        """Every tap this variant offers, in execution (= stride) order.
+
+        Args:
+            blocks: include the per-block taps ``block1`` .. ``blockN``; ``False`` lists only
+                the stage-level taps (``stage{k}``, ``stage{k}_expand``, ``last_conv``).
+        """
+        return [
+            spec.info for spec in self._all_taps if blocks or not spec.info.name.startswith("block")
+        ]
 
     @property
     def feature_info(self) -> list[FeatureInfo]:
@@ -335,7 +384,7 @@ def mobilenet_v3(
     width_mult: float = 1.0,
     reduced_tail: bool = False,
     dilated: bool = False,
-    taps: Sequence[str] | None = None,
+    taps: Sequence[str | int] | None = None,
     weights: str | Path | Mapping[str, Tensor] | None = None,
     *,
     norm_layer: NormLayer | None = None,
@@ -350,8 +399,9 @@ def mobilenet_v3(
         width_mult: channel multiplier; 0.35, 0.5, 0.75, 1.0 and 1.25 are the published ones.
         reduced_tail: halve the last stage (paper's RF2 / "†"), as used by SSDLite/LR-ASPP.
         dilated: last stage dilated instead of strided (output stride 16, paper §6.4).
-        taps: names from :meth:`MobileNetV3Backbone.available_taps`; default
-            ``("stage1", "stage2", "stage3", "stage4", "last_conv")``.
+        taps: names from :meth:`MobileNetV3Backbone.available_taps` (``stage{k}``,
+            ``stage{k}_expand``, ``last_conv``, ``block{i}``), or an int ``i`` for ``block{i}``;
+            default ``("stage1", "stage2", "stage3", "stage4", "last_conv")``.
         weights: a torchvision or timm MobileNetV3 checkpoint (path to ``.pth``/``.pt``/
             ``.safetensors``) or an in-memory state_dict. See :mod:`mnv3det.weights`.
         norm_layer: callable ``channels -> module`` replacing BatchNorm (e.g.
@@ -368,6 +418,8 @@ def mobilenet_v3(
         >>> bb = mobilenet_v3("large", taps=["stage3", "stage5_expand", "last_conv"])
         >>> [(f.name, f.channels, f.stride) for f in bb.feature_info]
         [('stage3', 40, 8), ('stage5_expand', 672, 16), ('last_conv', 960, 32)]
+        >>> [(f.name, f.channels, f.stride) for f in mobilenet_v3(taps=[4, "block7"]).feature_info]
+        [('block4', 40, 8), ('block7', 80, 16)]
     """
     return MobileNetV3Backbone(
         arch,

@@ -43,7 +43,9 @@ class VariantInfo:
 
 def describe_variant(arch: str, width_mult: float = 1.0, reduced_tail: bool = False) -> VariantInfo:
     """Parameters (with torchvision's 1000-class head) and MAdds at 224 of one variant."""
-    taps = mobilenet_v3(arch, width_mult, reduced_tail).available_taps()
+    full = mobilenet_v3(arch, width_mult, reduced_tail)
+    taps = full.available_taps(blocks=False)
+    blocks = len(full.available_taps()) - len(taps)
     backbone = mobilenet_v3(arch, width_mult, reduced_tail, taps=["last_conv"])
     head = classification_head(taps[-1].channels, backbone.classifier_channels)
     # MAdds: backbone + pooled classifier (two Linear layers on a 1x1 map).
@@ -57,7 +59,7 @@ def describe_variant(arch: str, width_mult: float = 1.0, reduced_tail: bool = Fa
         params_backbone=count_parameters(backbone),
         params_with_classifier=count_parameters(backbone) + count_parameters(head),
         madds_224=madds,
-        taps=" ".join(f"{t.name}:{t.channels}@{t.stride}" for t in taps),
+        taps=" ".join(f"{t.name}:{t.channels}@{t.stride}" for t in taps) + f" block1..{blocks}",
     )
 
 

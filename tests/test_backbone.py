@@ -11,7 +11,7 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 import mnv3det
-from mnv3det.backbone import count_madds, count_parameters
+from mnv3det.backbone import FeatureInfo, block_stages, count_madds, count_parameters
 from mnv3det.blocks import InvertedResidual, make_divisible
 from mnv3det.info import PAPER_MADDS, describe_variant, info_table
 
@@ -84,6 +84,31 @@ def test_reduced_tail_and_dilation_change_tail_only() -> None:
     assert taps["stage5_expand"] == (672, 16)  # first stride-32 block keeps its expansion
     assert taps["stage5"] == (80, 16)
     assert taps["last_conv"] == (480, 16)
+
+
+def test_block_taps_are_torchvision_features_with_stride() -> None:
+    bb = mnv3det.mobilenet_v3("large", taps=[4, "stage3", "block13"]).eval()
+    assert bb.feature_info == [
+        FeatureInfo("block4", 40, 8),  # first stride-8 block (torchvision's LR-ASPP low tap)
+        FeatureInfo("stage3", 40, 8),
+        FeatureInfo("block13", 160, 32),
+    ]
+    assert len(bb.features) == 14  # nothing past block 13 (features[13]) is built
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        out = bb(x)
+        torch.testing.assert_close(out["block4"], bb.features[:5](x))
+        torch.testing.assert_close(out["stage3"], bb.features[:7](x))
+    taps = {t.name: t for t in mnv3det.mobilenet_v3("large").available_taps()}
+    strides = [taps[f"block{i}"].stride for i in range(1, 16)]
+    assert strides == [2, 4, 4, 8, 8, 8, 16, 16, 16, 16, 16, 16, 32, 32, 32]
+    assert (taps["block6"].channels, taps["block6"].stride) == (taps["stage3"].channels, 8)
+    dilated = {t.name: t for t in mnv3det.mobilenet_v3("large", dilated=True).available_taps()}
+    assert [dilated[f"block{i}"].stride for i in (12, 13, 15)] == [16, 16, 16]
+    small = [t.name for t in mnv3det.mobilenet_v3("small").available_taps(blocks=False)]
+    assert not any(name.startswith("block") for name in small) and "stage5_expand" in small
+    with pytest.raises(ValueError, match=r"unknown tap.*'block16'.*block1 \.\. block15"):
+        mnv3det.mobilenet_v3("large", taps=[16])
 
 
 def test_forward_returns_selected_taps_in_stride_order_with_shapes() -> None:
@@ -163,6 +188,12 @@ def test_info_table_lists_every_variant_and_tap() -> None:
     assert "| large x1.0 | 2,971,952 | 5,483,032 |" in table
     assert "small x0.5 reduced_tail" in table
     assert "stage5_expand:672@16" in table
+    assert "last_conv:960@32 block1..15" in table
+
+
+def test_block_stages() -> None:
+    assert block_stages("large") == [1, 2, 2, 3, 3, 3, 4, 4, 4, 4, 4, 4, 5, 5, 5]
+    assert block_stages("small") == [2, 3, 3, 4, 4, 4, 4, 4, 5, 5, 5]
 
 
 def test_cli_info_prints_table(capsys: pytest.CaptureFixture[str]) -> None:
