@@ -128,7 +128,8 @@ def read_header(path: str | Path) -> ImageHeader:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 orientation = _orientation(image)
-                width, height = image.size
+                # stored size (PIL's TIFF reader reports the size after the orientation)
+                width, height = getattr(image, "_tile_size", None) or image.size
                 if not _tail_ok(path, image.format):
                     image.load()  # truncated, or trailing bytes after the end marker?
                 header = ImageHeader(
@@ -147,7 +148,7 @@ def _describe(path: Path, err: BaseException) -> str:
     if path.is_file() and path.stat().st_size == 0:
         return f"cannot read image {path}: the file is empty (0 bytes)"
     text = str(err) or type(err).__name__
-    if "truncated" in text:
+    if "truncated" in text.lower():
         return f"cannot read image {path}: the file is truncated ({text})"
     return f"cannot read image {path}: {text}"
 
