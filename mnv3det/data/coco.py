@@ -343,6 +343,7 @@ class CocoDetection(Dataset):
                         "own id, " + SKIP_HINT + " (every entry with that id)"
                     ),
                 )
+        self._dropped_ids = duplicates  # their annotations are not "unknown image ids"
         if not bad and not duplicates:
             return data
         bad_set = set(bad)
@@ -383,7 +384,7 @@ class CocoDetection(Dataset):
         counts["images_listed"] = len(self.coco.dataset["images"])
         counts["images_in_file"] = counts["images_listed"]
         for ann in self.coco.dataset["annotations"]:
-            if ann["image_id"] not in self.coco.imgs:
+            if ann["image_id"] not in self.coco.imgs and ann["image_id"] not in self._dropped_ids:
                 counts["unknown_image_id_count"] += 1
                 self._problem(
                     self.ann_file.name,
