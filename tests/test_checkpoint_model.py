@@ -21,10 +21,10 @@ from test_inference import assert_same_detections, spread_head
 
 import mnv3det
 from mnv3det.cli import main as cli_main
+from mnv3det.cli.export import main as export_main
 from mnv3det.data.synthetic_cityscapes import generate_street_scenes
 from mnv3det.data.synthetic_coco import generate_shapes_coco
 from mnv3det.deploy.wrappers import SegmenterDeploy, dense_to_list
-from mnv3det.deploy.onnx import main as export_main
 from mnv3det.models.from_checkpoint import load_model, save_model
 from mnv3det.tasks.detection import DetectionTask
 from mnv3det.tasks.detection_data import CocoDataModule

@@ -12,8 +12,8 @@ from conftest import randomize_bn_stats
 from test_inference import assert_same_detections, spread_head
 
 import mnv3det
+from mnv3det.cli.export import main as export_main
 from mnv3det.deploy.wrappers import SegmenterDeploy, dense_to_list
-from mnv3det.deploy.onnx import main as export_main
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")

@@ -9,8 +9,8 @@ from conftest import randomize_bn_stats
 
 import mnv3det
 from mnv3det.deploy import wrappers as deploy
-from mnv3det.deploy.wrappers import FastSSDLite, SegmenterDeploy, SSDLiteDeploy
-from mnv3det.deploy.fast import count_batch_norms, optimize_for_inference
+from mnv3det.deploy.fast import FastSSDLite, count_batch_norms, optimize_for_inference
+from mnv3det.deploy.wrappers import SegmenterDeploy, SSDLiteDeploy
 
 
 def spread_head(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -10,11 +10,11 @@ from conftest import randomize_bn_stats
 from test_inference import spread_head
 
 import mnv3det
+from mnv3det.cli.export import main as export_main
 from mnv3det.data.synthetic_cityscapes import generate_street_scenes
 from mnv3det.data.synthetic_coco import generate_shapes_coco
-from mnv3det.deploy.onnx import export_lraspp
-from mnv3det.deploy.onnx import main as export_main
 from mnv3det.deploy.int8 import calibration_images, network_nodes, quantize_onnx
+from mnv3det.deploy.onnx import export_lraspp
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")

@@ -5,7 +5,7 @@ Same as ``mnv3det export``; see ``python tools/export.py --help`` and docs/deplo
 
 import sys
 
-from mnv3det.deploy.onnx import main
+from mnv3det.cli.export import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,7 +23,7 @@ from mnv3det.cli.errors import run_reporting_user_errors
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 TOOL_SUBCOMMANDS = {
     "demo": "mnv3det.demos",
-    "export": "mnv3det.deploy.onnx",
+    "export": "mnv3det.cli.export",
     "benchmark": "mnv3det.deploy.benchmark.runner",
 }
 USAGE = """usage: mnv3det {fit,validate,test,predict,demo,info,export,benchmark} ...

@@ -1,5 +1,8 @@
 """Fast PyTorch inference: conv+BatchNorm folding and channels_last (deployment, paper §7).
 
+:func:`optimize_for_inference` speeds up any model; :class:`FastSSDLite` is SSDLite's fast path
+(the fused model's own pre-processing, layers and dense post-processing, channels_last input).
+
 MobileNetV3 has a BatchNorm after every convolution; in eval mode each one is an affine map
 that can be folded into the convolution's weights and bias (``torch.nn.utils.fusion``), which
 removes a third of the layers a forward pass walks through. The activations stay separate
@@ -14,7 +17,7 @@ import copy
 import itertools
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
@@ -61,8 +64,8 @@ def optimize_for_inference(
         model: the model to speed up; outputs stay equal up to float rounding (tests check
             detections identical and logits within 1e-4).
         channels_last: convert weights to ``torch.channels_last``; callers should feed
-            channels_last inputs too. ``tools/benchmark.py`` measures whether it helps on a
-            given CPU (for depthwise-heavy MobileNetV3 it often does not).
+            channels_last inputs too. ``mnv3det benchmark`` measures whether it helps on a
+            given CPU (on the AVX512 machine of docs/deployment.md it does).
         inplace: modify ``model`` itself.
 
     Returns:
@@ -74,3 +77,55 @@ def optimize_for_inference(
     for param in model.parameters():
         param.requires_grad_(False)
     return model
+
+
+class FastSSDLite(nn.Module):
+    """Fast PyTorch inference for SSDLite with torchvision's output format.
+
+    A fused copy of the model (:func:`optimize_for_inference`, optionally channels_last) run
+    through its own :meth:`~mnv3det.models.ssdlite.SSDLite.preprocess` (one normalise + resize
+    for a batch of same-size images), :meth:`~mnv3det.models.ssdlite.SSDLite.head_outputs` and
+    dense :meth:`~mnv3det.models.ssdlite.SSDLite.postprocess` (no loop over images or classes).
+    Detections equal the original model's.
+
+    Args:
+        model: an :class:`mnv3det.models.ssdlite.SSDLite` (left unchanged).
+        channels_last: run the network in channels_last memory format.
+        **thresholds: ``score_thresh``, ``nms_thresh``, ``topk_candidates``,
+            ``detections_per_img`` overrides (``None`` keeps the model's).
+    """
+
+    def __init__(
+        self, model: nn.Module, channels_last: bool = False, **thresholds: float | int | None
+    ) -> None:
+        super().__init__()
+        self.channels_last = channels_last
+        self.model = optimize_for_inference(model, channels_last=channels_last)
+        for name, value in thresholds.items():
+            if not hasattr(self.model, name):
+                raise TypeError(f"FastSSDLite: unknown threshold {name!r}")
+            if value is not None:
+                setattr(self.model, name, value)
+
+    def preprocess(self, images: Tensor | list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
+        """``(batch at the model size, original (h, w) per image)``."""
+        batch, original, _ = self.model.preprocess(images)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch, original
+
+    def network(self, batch: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Backbone, extra blocks and heads on a pre-processed batch: ``(outputs, anchors)``."""
+        return self.model.head_outputs(batch)
+
+    def postprocess(
+        self, outputs: dict[str, Tensor], anchors: Tensor, original: list[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
+        """Per-image ``{"boxes", "scores", "labels"}`` (torchvision's format)."""
+        return self.model.postprocess(outputs, anchors, original)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor | list[Tensor]) -> list[dict[str, Tensor]]:
+        """Detections for ``(N, 3, H, W)`` or a list of ``(3, H, W)`` images in ``[0, 1]``."""
+        batch, original = self.preprocess(images)
+        return self.postprocess(*self.network(batch), original)

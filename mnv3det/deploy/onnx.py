@@ -1,44 +1,48 @@
 """ONNX export of SSDLite (with box decoding and NMS) and LR-ASPP (paper §6.3-§6.4 models).
 
-``mnv3det export --model ssdlite|lraspp [--weights CKPT] --output FILE.onnx [--int8 --calib-root DIR]``
-
-* SSDLite: the graph of :class:`mnv3det.deploy.SSDLiteDeploy`: input ``images`` ``(N, 3, H, W)``
-  float32 in ``[0, 1]`` (dynamic batch and size; resized to the model size inside), outputs
-  ``boxes (N, D, 4)`` xyxy in input pixels, ``scores (N, D)``, ``labels (N, D)`` int64 and
-  ``num_detections (N,)``. Decoding and per-(image, class) NMS (ONNX ``NonMaxSuppression``) are
-  in the graph; torchvision's SSDLite stops at TopK/NMS export errors, this does not.
-* LR-ASPP: input ``images`` ``(N, 3, H, W)`` in ``[0, 1]`` (ImageNet normalisation inside), any
-  batch and size; output ``logits (N, C, H, W)``.
+* SSDLite: the graph of :class:`mnv3det.deploy.wrappers.SSDLiteDeploy`: input ``images``
+  ``(N, 3, H, W)`` float32 in ``[0, 1]`` (dynamic batch and size; resized to the model size
+  inside), outputs ``boxes (N, D, 4)`` xyxy in input pixels, ``scores (N, D)``, ``labels (N, D)``
+  int64 and ``num_detections (N,)``. Decoding and per-(image, class) NMS (ONNX
+  ``NonMaxSuppression``) are in the graph; torchvision's SSDLite stops at TopK/NMS export errors,
+  this does not.
+* LR-ASPP: input ``images`` ``(N, 3, H, W)`` in ``[0, 1]`` (normalisation inside), any batch and
+  size; output ``logits (N, C, H, W)``.
 
 The dynamo exporter (``torch.onnx.export(dynamo=True)``) is used, opset 18; the NMS custom op is
-translated by :func:`mnv3det.deploy.onnx_translation_table`. BatchNorms are folded first
-(:func:`mnv3det.deploy.fast.fuse_conv_bn`), so the file holds the inference graph. ``--int8``
-also writes ``FILE.int8.onnx`` (or ``--int8-output``) with :mod:`mnv3det.deploy.int8`.
+translated by :func:`onnx_translation_table`. BatchNorms are folded first
+(:func:`mnv3det.deploy.fast.fuse_conv_bn`), so the file holds the inference graph.
+:class:`OnnxDetector` / :class:`OnnxSegmenter` run an exported file with the PyTorch models'
+calling convention (what the int8 accuracy study validates). The command line is
+:mod:`mnv3det.cli.export`; int8 is :mod:`mnv3det.deploy.int8`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from mnv3det.deploy.wrappers import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    SegmenterDeploy,
-    SSDLiteDeploy,
-    onnx_translation_table,
-)
+from heads.ssdlite_postprocess import dense_to_list
 from mnv3det.deploy.fast import fuse_conv_bn
+from mnv3det.deploy.wrappers import IMAGENET_MEAN, IMAGENET_STD, SegmenterDeploy, SSDLiteDeploy
 
-__all__ = ["ExportError", "export_lraspp", "export_onnx", "export_ssdlite", "main"]
+__all__ = [
+    "ExportError",
+    "OnnxDetector",
+    "OnnxSegmenter",
+    "check_onnx",
+    "export_lraspp",
+    "export_onnx",
+    "export_ssdlite",
+    "onnx_session",
+    "onnx_translation_table",
+]
 
 OPSET = 18
 SSDLITE_OUTPUTS = ("boxes", "scores", "labels", "num_detections")
@@ -46,6 +50,37 @@ SSDLITE_OUTPUTS = ("boxes", "scores", "labels", "num_detections")
 
 class ExportError(ValueError):
     """A bad export request (unknown model, missing file, unsupported option)."""
+
+
+# ----------------------------------------------------------------------------- NMS op
+def _nms_keep_mask_onnx(boxes, scores, iou_threshold: float, score_threshold: float):
+    """ONNX translation of :func:`heads.nms.nms_keep_mask` (onnxscript, opset 18).
+
+    ``NonMaxSuppression`` with boxes ``(B, K, 4)`` and scores ``(B, 1, K)``: onnxruntime treats
+    each row as its own batch entry, so this is per-(image, class) NMS without coordinate
+    tricks. Its ``(M, 3)`` selected indices are scattered into a ``(B, K)`` mask.
+    """
+    from onnxscript import opset18 as op
+
+    k = op.Shape(scores, start=1, end=2)
+    selected = op.NonMaxSuppression(
+        boxes,
+        op.Unsqueeze(scores, [1]),
+        k,
+        op.Constant(value_floats=[iou_threshold]),
+        op.Constant(value_floats=[score_threshold]),
+    )
+    index = op.Gather(selected, op.Constant(value_ints=[0, 2]), axis=1)  # (M, 2) row, box
+    ones = op.Expand(op.Constant(value_floats=[1.0]), op.Shape(selected, start=0, end=1))
+    mask = op.ScatterND(op.ConstantOfShape(op.Shape(scores)), index, ones)
+    return op.Cast(mask, to=9)  # 9 = BOOL
+
+
+def onnx_translation_table() -> dict:
+    """``custom_translation_table`` for ``torch.onnx.export`` covering mnv3det's custom ops."""
+    import heads.nms  # noqa: F401  (registers torch.ops.mnv3det.nms_keep_mask)
+
+    return {torch.ops.mnv3det.nms_keep_mask.default: _nms_keep_mask_onnx}
 
 
 def _require_onnx() -> None:
@@ -135,7 +170,7 @@ def export_ssdlite(
     """
     model = fuse_conv_bn(model) if fuse else model.eval()
     deploy = SSDLiteDeploy(model, **deploy_kwargs)
-    h, w = example_size or deploy.size
+    h, w = example_size or model.size
     example = torch.rand(2, 3, h, w)
     return export_onnx(deploy, example, path, SSDLITE_OUTPUTS, dynamic_hw=True)
 
@@ -167,160 +202,14 @@ def export_lraspp(
     return export_onnx(deploy, example, path, ("logits",), dynamic_hw=True)
 
 
-# ----------------------------------------------------------------------------- CLI
-def build_model(args: argparse.Namespace) -> nn.Module:
-    """The model an ``export``/``benchmark`` command line describes (weights loaded).
-
-    With ``--weights`` the model is rebuilt from the checkpoint by
-    :func:`mnv3det.models.from_checkpoint.load_model` (its description or, for torchvision's
-    files, the tensor shapes give every setting); options given on the command line must agree
-    with it. Without weights the builders' defaults apply.
-    """
-    from mnv3det.models.from_checkpoint import load_model
-
-    options = {
-        "arch": getattr(args, "arch", None),
-        "num_classes": getattr(args, "num_classes", None),
-        "width_mult": getattr(args, "width_mult", None),
-        "reduced_tail": getattr(args, "reduced_tail", None),
-    }
-    if args.model == "ssdlite":
-        options["size"] = getattr(args, "size", None)
-    if args.weights is not None:
-        return load_model(args.weights, builder=args.model, **options)
-    options = {k: v for k, v in options.items() if v is not None}
-    if args.model == "ssdlite":
-        from mnv3det.models.ssdlite import ssdlite
-
-        return ssdlite(**options).eval()
-    from mnv3det.models.lraspp import lraspp
-
-    return lraspp(**options).eval()
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments that pick and build a model (shared with ``mnv3det benchmark``)."""
-    parser.add_argument("--model", choices=("ssdlite", "lraspp"), required=True)
-    parser.add_argument(
-        "--arch", choices=("large", "small"), default=None, help="default: checkpoint's, or large"
-    )
-    parser.add_argument(
-        "--num-classes",
-        type=int,
-        default=None,
-        help="with background for SSDLite (default: checkpoint's, or 91 / 19)",
-    )
-    parser.add_argument(
-        "--width-mult", type=float, default=None, help="default: checkpoint's, or 1.0"
-    )
-    parser.add_argument(
-        "--reduced-tail",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="halve the last stage (default: read from --weights, else LR-ASPP True, SSDLite "
-        "False)",
-    )
-    parser.add_argument(
-        "--size", type=int, default=None, help="SSDLite input side (default: checkpoint's, or 320)"
-    )
-    parser.add_argument(
-        "--weights",
-        "--checkpoint",
-        dest="weights",
-        default=None,
-        help="checkpoint: torchvision's, an mnv3det weights file or a Lightning .ckpt; the model "
-        "is rebuilt from it (architecture, size, classes)",
-    )
-
-
-def _fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    return args  # the builders (and the checkpoint's description) fill in what is not given
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``mnv3det export``: write an ONNX file (and optionally its int8 version)."""
-    parser = argparse.ArgumentParser(
-        prog="mnv3det export",
-        description="Export SSDLite (with decoding + NMS) or LR-ASPP to ONNX; optionally int8.",
-    )
-    add_model_arguments(parser)
-    parser.add_argument("--output", required=True, help="output .onnx file")
-    parser.add_argument("--score-thresh", type=float, default=None)
-    parser.add_argument("--nms-thresh", type=float, default=None)
-    parser.add_argument("--topk-candidates", type=int, default=None)
-    parser.add_argument("--detections-per-img", type=int, default=None)
-    parser.add_argument("--no-fuse", action="store_true", help="keep BatchNorms in the graph")
-    parser.add_argument("--int8", action="store_true", help="also write a static int8 model")
-    parser.add_argument("--int8-output", default=None, help="int8 file (FILE.int8.onnx)")
-    parser.add_argument(
-        "--calib-root", default=None, help="data set root (COCO / Cityscapes layout) for --int8"
-    )
-    parser.add_argument("--calib-split", default=None, help="split to calibrate on (train)")
-    parser.add_argument("--calib-images", type=int, default=300)
-    parser.add_argument(
-        "--float-prediction-layers",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="--int8: keep the prediction convolutions in float (slower; can help a weakly "
-        "trained model) instead of quantising them too (default; see docs/deployment.md)",
-    )
-    parser.add_argument(
-        "--check", action="store_true", help="run onnxruntime on random images and compare"
-    )
-    args = _fill_defaults(parser.parse_args(list(argv) if argv is not None else None))
-    if args.int8 and args.calib_root is None:
-        parser.error("--int8 needs --calib-root DIR (images to calibrate the activation ranges)")
-    try:
-        model = build_model(args)
-        output = Path(args.output)
-        if args.model == "ssdlite":
-            export_ssdlite(
-                model,
-                output,
-                fuse=not args.no_fuse,
-                score_thresh=args.score_thresh,
-                nms_thresh=args.nms_thresh,
-                topk_candidates=args.topk_candidates,
-                detections_per_img=args.detections_per_img,
-            )
-        else:
-            meta = getattr(model, "meta", {})
-            export_lraspp(
-                model,
-                output,
-                fuse=not args.no_fuse,
-                mean=tuple(meta.get("mean", IMAGENET_MEAN)),
-                std=tuple(meta.get("std", IMAGENET_STD)),
-            )
-        print(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB)")
-        if args.check:
-            print(check_onnx(model, output, args.model))
-        if args.int8:
-            from mnv3det.deploy.int8 import calibration_images, quantize_onnx
-
-            int8 = Path(args.int8_output or output.with_suffix(".int8.onnx"))
-            images = calibration_images(
-                args.model, args.calib_root, args.calib_images, split=args.calib_split
-            )
-            quantize_onnx(
-                output, int8, images, float_prediction_layers=args.float_prediction_layers
-            )
-            print(f"wrote {int8} ({int8.stat().st_size / 1e6:.1f} MB)")
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"mnv3det export: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
 def check_onnx(model: nn.Module, path: str | Path, kind: str, seed: int = 0) -> str:
     """Run ``path`` in onnxruntime and the PyTorch ``model`` on the same random batch."""
     import numpy as np
-    import onnxruntime as ort
 
     gen = torch.Generator().manual_seed(seed)
     size = tuple(model.size) if kind == "ssdlite" else (256, 512)
     images = torch.rand(2, 3, *size, generator=gen)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = onnx_session(path)
     outputs = session.run(None, {"images": images.numpy()})
     with torch.no_grad():
         if kind == "ssdlite":
@@ -333,5 +222,86 @@ def check_onnx(model: nn.Module, path: str | Path, kind: str, seed: int = 0) -> 
     return f"check: max |logits difference| = {float(np.abs(outputs[0] - ref).max()):.2e}"
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+# ----------------------------------------------------------------------------- running
+def onnx_session(path: str | Path, threads: int | None = None, passive: bool = False):
+    """An onnxruntime CPU session with every graph optimisation.
+
+    Args:
+        path: the ``.onnx`` file.
+        threads: ``intra_op_num_threads`` (``None``: onnxruntime's default).
+        passive: threads sleep instead of spinning while they wait (shared machines).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if passive:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class _OnnxModel(nn.Module):
+    """An exported graph in onnxruntime, called like the PyTorch model it came from."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.session = onnx_session(path, threads)
+
+    def run(self, images: Tensor) -> list[Tensor]:
+        """The graph's outputs for ``images (N, 3, H, W)`` in ``[0, 1]``, as CPU tensors."""
+        array = images.detach().float().cpu().contiguous().numpy()
+        return [torch.from_numpy(out) for out in self.session.run(None, {"images": array})]
+
+
+class OnnxDetector(_OnnxModel):
+    """An SSDLite ONNX export with :class:`~mnv3det.models.ssdlite.SSDLite`'s eval interface:
+    ``model(images)`` -> per image ``{"boxes", "scores", "labels"}`` in that image's pixels.
+
+    Args:
+        path: the ``.onnx`` file (:func:`export_ssdlite`, fp32 or int8).
+        size: the model's network input ``(H, W)`` (tasks check it against the data module).
+        num_classes: the model's classes, background included.
+        threads: onnxruntime intra-op threads.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        size: tuple[int, int],
+        num_classes: int,
+        threads: int | None = None,
+    ) -> None:
+        super().__init__(path, threads)
+        self.size, self.num_classes = tuple(size), num_classes
+
+    def forward(self, images: Tensor | Sequence[Tensor]) -> list[dict[str, Tensor]]:
+        """Detections of ``(N, 3, H, W)`` or a list of ``(3, H, W)`` images (any sizes)."""
+        if isinstance(images, Tensor):
+            return dense_to_list(*self.run(images))
+        # the graph takes one size per call: run same-size images together, keep the order
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault(tuple(image.shape), []).append(i)
+        out: list[dict[str, Tensor]] = [{} for _ in images]
+        for indices in groups.values():
+            batch = torch.stack([images[i] for i in indices])
+            for i, det in zip(indices, dense_to_list(*self.run(batch)), strict=True):
+                out[i] = {k: v.to(images[i].device) for k, v in det.items()}
+        return out
+
+
+class OnnxSegmenter(_OnnxModel):
+    """An LR-ASPP ONNX export called like the model: ``model(images in [0, 1])`` -> logits.
+
+    Args:
+        path: the ``.onnx`` file (:func:`export_lraspp`, fp32 or int8).
+        threads: onnxruntime intra-op threads.
+    """
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits ``(N, C, H, W)`` on ``images``' device."""
+        return self.run(images)[0].to(images.device)

@@ -54,8 +54,8 @@ from heads.ssdlite import (
     SSDLiteExtras,
     SSDLiteHead,
     multibox_loss,
-    postprocess_detections,
 )
+from heads.ssdlite_postprocess import dense_postprocess, dense_to_list
 from mnv3det.backbone import MobileNetV3Backbone, mobilenet_v3
 from mnv3det.weights import (
     DESCRIPTION_VERSION,
@@ -252,29 +252,39 @@ class SSDLite(nn.Module):
                     "(convert with image.float() / 255)"
                 )
         original = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-        mean, std = self.image_mean.to(images[0]), self.image_std.to(images[0])
         if len(set(original)) == 1:  # one batched op when every image has the same size
-            batch = (torch.stack(list(images)) - mean) / std
-            if original[0] != self.size:
-                batch = F.interpolate(batch, size=self.size, mode="bilinear", align_corners=False)
+            batch = self.transform(torch.stack(list(images)))
         else:  # torchvision's order: normalise, then resize each image
-            batch = torch.cat(
-                [
-                    F.interpolate(
-                        ((im - mean) / std)[None],
-                        size=self.size,
-                        mode="bilinear",
-                        align_corners=False,
-                    )
-                    for im in images
-                ]
-            )
+            batch = torch.cat([self.transform(im[None]) for im in images])
         if targets is not None:
             targets = [
                 self._resize_target(t, hw, i)
                 for i, (t, hw) in enumerate(zip(targets, original, strict=True))
             ]
         return batch, original, targets
+
+    def transform(self, batch: Tensor) -> Tensor:
+        """Normalise ``(N, 3, H, W)`` images in ``[0, 1]`` and resize them to ``size``.
+
+        The one pre-processing of every path (eager :meth:`preprocess`, the fast path and the
+        ONNX graph): always one bilinear resize (an identity at the model size), so the traced
+        graph has no shape-dependent branch, as torchvision's transform always resizes.
+        """
+        batch = (batch - self.image_mean.to(batch)) / self.image_std.to(batch)
+        return F.interpolate(batch, size=self.size, mode="bilinear", align_corners=False)
+
+    def box_scale(self, image_sizes: Tensor) -> Tensor:
+        """Factors from network-input to image pixels (torchvision's ``resize_boxes``).
+
+        Args:
+            image_sizes: ``(..., 2)`` float32 ``(height, width)`` of the original images.
+
+        Returns:
+            ``(..., 4)`` factors ``(sx, sy, sx, sy)`` multiplying xyxy boxes.
+        """
+        h, w = self.size
+        ratio_w, ratio_h = image_sizes[..., 1] / float(w), image_sizes[..., 0] / float(h)
+        return torch.stack((ratio_w, ratio_h, ratio_w, ratio_h), dim=-1)
 
     def _resize_target(
         self, target: dict[str, Tensor], hw: tuple[int, int], index: int
@@ -353,21 +363,49 @@ class SSDLite(nn.Module):
         self, outputs: dict[str, Tensor], anchors: Tensor, original_sizes: Sequence[tuple[int, int]]
     ) -> list[dict[str, Tensor]]:
         """Detections in each original image's pixels (batched over images and classes)."""
-        h, w = self.size
-        # torchvision's resize_boxes: ratio = float32(original) / float32(resized) per axis.
         orig = torch.tensor(original_sizes, dtype=torch.float32, device=anchors.device)
-        scale = torch.stack((orig[:, 1] / float(w), orig[:, 0] / float(h)), dim=1)
-        return postprocess_detections(
+        return dense_to_list(
+            *self.postprocess_dense(outputs, anchors, self.box_scale(orig)[:, None])
+        )
+
+    def postprocess_dense(
+        self,
+        outputs: dict[str, Tensor],
+        anchors: Tensor,
+        scale: Tensor | None = None,
+        *,
+        score_thresh: float | None = None,
+        nms_thresh: float | None = None,
+        topk_candidates: int | None = None,
+        detections_per_img: int | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Fixed-shape detections (:func:`heads.ssdlite_postprocess.dense_postprocess`; traces).
+
+        Args:
+            outputs: ``{"cls_logits", "bbox_regression"}`` of :meth:`head_outputs`.
+            anchors: ``(A, 4)`` default boxes of :meth:`head_outputs`.
+            scale: factors broadcastable to ``(N, D, 4)`` (:meth:`box_scale`) mapping boxes to
+                the original image pixels, or ``None`` for network-input pixels.
+            score_thresh: override of the model's minimum score.
+            nms_thresh: override of the model's NMS IoU.
+            topk_candidates: override of the candidates per class before NMS.
+            detections_per_img: override of the output rows ``D``.
+
+        Returns:
+            ``(boxes (N, D, 4), scores (N, D), labels (N, D) int64, num_detections (N,))``;
+            rows past ``num_detections`` are zeros.
+        """
+        return dense_postprocess(
             outputs["cls_logits"],
             outputs["bbox_regression"],
             anchors,
             self.size,
-            self.box_coder,
-            score_thresh=self.score_thresh,
-            nms_thresh=self.nms_thresh,
-            topk_candidates=self.topk_candidates,
-            detections_per_img=self.detections_per_img,
-            scale_factors=scale,
+            self.box_coder.weights,
+            score_thresh=self.score_thresh if score_thresh is None else score_thresh,
+            nms_thresh=self.nms_thresh if nms_thresh is None else nms_thresh,
+            topk_candidates=topk_candidates or self.topk_candidates,
+            detections_per_img=detections_per_img or self.detections_per_img,
+            scale=scale,
         )
 
     # ------------------------------------------------------------------ weights

@@ -332,8 +332,8 @@ def prepare(kind: str, workdir: Path, input_size: tuple[int, int], calib: int, c
         return info
     fp32 = workdir / f"{kind}.onnx"
     if kind == "ssdlite":
-        from mnv3det.deploy.wrappers import SSDLiteDeploy
         from mnv3det.deploy.fast import fuse_conv_bn
+        from mnv3det.deploy.wrappers import SSDLiteDeploy
 
         export_ssdlite(ours, fp32)
         network = workdir / f"{kind}_network.onnx"

@@ -1,0 +1,164 @@
+"""``mnv3det export``: write an ONNX file of SSDLite or LR-ASPP, optionally its int8 version.
+
+``mnv3det export --model ssdlite|lraspp [--weights CKPT] --output FILE.onnx [--check]
+[--int8 --calib-root DIR]``; the graphs are described in :mod:`mnv3det.deploy.onnx`, int8 in
+:mod:`mnv3det.deploy.int8` (``--int8`` also writes ``FILE.int8.onnx`` or ``--int8-output``).
+``python tools/export.py`` is the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch import nn
+
+from mnv3det.deploy.int8 import calibration_images, quantize_onnx
+from mnv3det.deploy.onnx import check_onnx, export_lraspp, export_ssdlite
+from mnv3det.deploy.wrappers import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["add_model_arguments", "build_model", "main"]
+
+
+def build_model(args: argparse.Namespace) -> nn.Module:
+    """The model an ``export`` command line describes (weights loaded).
+
+    With ``--weights`` the model is rebuilt from the checkpoint by
+    :func:`mnv3det.models.from_checkpoint.load_model` (its description or, for torchvision's
+    files, the tensor shapes give every setting); options given on the command line must agree
+    with it. Without weights the builders' defaults apply.
+    """
+    from mnv3det.models.from_checkpoint import load_model
+
+    options = {
+        "arch": getattr(args, "arch", None),
+        "num_classes": getattr(args, "num_classes", None),
+        "width_mult": getattr(args, "width_mult", None),
+        "reduced_tail": getattr(args, "reduced_tail", None),
+    }
+    if args.model == "ssdlite":
+        options["size"] = getattr(args, "size", None)
+    if args.weights is not None:
+        return load_model(args.weights, builder=args.model, **options)
+    options = {k: v for k, v in options.items() if v is not None}
+    if args.model == "ssdlite":
+        from mnv3det.models.ssdlite import ssdlite
+
+        return ssdlite(**options).eval()
+    from mnv3det.models.lraspp import lraspp
+
+    return lraspp(**options).eval()
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments that pick and build a model (``--model``, ``--arch`` ... ``--weights``)."""
+    parser.add_argument("--model", choices=("ssdlite", "lraspp"), required=True)
+    parser.add_argument(
+        "--arch", choices=("large", "small"), default=None, help="default: checkpoint's, or large"
+    )
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="with background for SSDLite (default: checkpoint's, or 91 / 19)",
+    )
+    parser.add_argument(
+        "--width-mult", type=float, default=None, help="default: checkpoint's, or 1.0"
+    )
+    parser.add_argument(
+        "--reduced-tail",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="halve the last stage (default: read from --weights, else LR-ASPP True, SSDLite "
+        "False)",
+    )
+    parser.add_argument(
+        "--size", type=int, default=None, help="SSDLite input side (default: checkpoint's, or 320)"
+    )
+    parser.add_argument(
+        "--weights",
+        "--checkpoint",
+        dest="weights",
+        default=None,
+        help="checkpoint: torchvision's, an mnv3det weights file or a Lightning .ckpt; the model "
+        "is rebuilt from it (architecture, size, classes)",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``mnv3det export``: write an ONNX file (and optionally its int8 version)."""
+    parser = argparse.ArgumentParser(
+        prog="mnv3det export",
+        description="Export SSDLite (with decoding + NMS) or LR-ASPP to ONNX; optionally int8.",
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--output", required=True, help="output .onnx file")
+    parser.add_argument("--score-thresh", type=float, default=None)
+    parser.add_argument("--nms-thresh", type=float, default=None)
+    parser.add_argument("--topk-candidates", type=int, default=None)
+    parser.add_argument("--detections-per-img", type=int, default=None)
+    parser.add_argument("--no-fuse", action="store_true", help="keep BatchNorms in the graph")
+    parser.add_argument("--int8", action="store_true", help="also write a static int8 model")
+    parser.add_argument("--int8-output", default=None, help="int8 file (FILE.int8.onnx)")
+    parser.add_argument(
+        "--calib-root", default=None, help="data set root (COCO / Cityscapes layout) for --int8"
+    )
+    parser.add_argument("--calib-split", default=None, help="split to calibrate on (train)")
+    parser.add_argument("--calib-images", type=int, default=300)
+    parser.add_argument(
+        "--float-prediction-layers",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="--int8: keep the prediction convolutions in float (slower; can help a weakly "
+        "trained model) instead of quantising them too (default; see docs/deployment.md)",
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="run onnxruntime on random images and compare"
+    )
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.int8 and args.calib_root is None:
+        parser.error("--int8 needs --calib-root DIR (images to calibrate the activation ranges)")
+    try:
+        model = build_model(args)
+        output = Path(args.output)
+        if args.model == "ssdlite":
+            export_ssdlite(
+                model,
+                output,
+                fuse=not args.no_fuse,
+                score_thresh=args.score_thresh,
+                nms_thresh=args.nms_thresh,
+                topk_candidates=args.topk_candidates,
+                detections_per_img=args.detections_per_img,
+            )
+        else:
+            meta = getattr(model, "meta", {})
+            export_lraspp(
+                model,
+                output,
+                fuse=not args.no_fuse,
+                mean=tuple(meta.get("mean", IMAGENET_MEAN)),
+                std=tuple(meta.get("std", IMAGENET_STD)),
+            )
+        print(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB)")
+        if args.check:
+            print(check_onnx(model, output, args.model))
+        if args.int8:
+            int8 = Path(args.int8_output or output.with_suffix(".int8.onnx"))
+            images = calibration_images(
+                args.model, args.calib_root, args.calib_images, split=args.calib_split
+            )
+            quantize_onnx(
+                output, int8, images, float_prediction_layers=args.float_prediction_layers
+            )
+            print(f"wrote {int8} ({int8.stat().st_size / 1e6:.1f} MB)")
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"mnv3det export: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
