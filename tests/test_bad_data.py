@@ -377,7 +377,8 @@ def test_cli_detection_fit_validate_predict_in_both_modes(tmp_path):
     assert sum("CocoDetection[train2017]" in line for line in lines) == 1  # once, at the end
     summary = "\n".join(lines)
     assert "6 of 10 images used" in summary and "3 of 4 images used" in summary
-    run = tmp_path / "logs/ssdlite320_mnv3_small_coco/version_0"
+    (run,) = {p.parent for p in (tmp_path / "logs").rglob("skipped.csv")}
+    assert (run / "checkpoints/last.ckpt").is_file()  # the run's own folder
     rows = read_skipped(run / "skipped.csv")
     got = sorted((r["split"], r["file"], r["reason"]) for r in rows)
     doc = json.loads(ann_path(root).read_text())
@@ -425,9 +426,9 @@ def test_cli_detection_fit_validate_predict_in_both_modes(tmp_path):
 
 def messy_scenes(root: Path) -> Path:
     root = scenes(root)
-    label_of(root, 0).unlink()
-    wrong_ids(root)
+    wrong_ids(root)  # pair 2
     truncate(image_of(root, 3))
+    label_of(root, 0).unlink()
     return root
 
 
@@ -452,7 +453,9 @@ def test_cli_segmentation_fit_in_both_modes(tmp_path):
     assert fit.returncode == 0, fit.stderr[-3000:]
     lines = data_lines(fit.stdout + fit.stderr)
     assert sum("CityscapesSegmentation[train]: 1 of 4 images used" in line for line in lines) == 1
-    rows = read_skipped(tmp_path / "logs/lraspp_mnv3_small_cityscapes/version_0/skipped.csv")
+    (csv_file,) = (tmp_path / "logs").rglob("skipped.csv")
+    assert (csv_file.parent / "checkpoints/last.ckpt").is_file()  # the run's own folder
+    rows = read_skipped(csv_file)
     assert sorted(r["reason"] for r in rows) == [
         "missing_label",
         "unknown_label_ids",

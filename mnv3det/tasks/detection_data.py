@@ -77,7 +77,7 @@ class DatasetStatsReporter(L.Callback):
         self.written = None
         if problems:
             folder = Path(trainer.log_dir or trainer.default_root_dir)
-            self.written = write_problems(folder / self.file_name, problems)
+            self.written = write_problems(folder.resolve() / self.file_name, problems)
             files = len({(row.split, row.file) for row in problems})
             lines.append(
                 f"{len(problems)} problems in {files} files, each with its reason: {self.written}"
