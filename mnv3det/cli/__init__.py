@@ -5,7 +5,8 @@
   and segmentation share one command; ``--print_config`` works as usual.
 * ``mnv3det demo [detection|segmentation]``: train on generated data on the CPU (both by default).
 * ``mnv3det info``: parameter/MAdds/taps table of every MobileNetV3 variant.
-* ``mnv3det export`` / ``mnv3det benchmark``: deployment tools (see their ``--help``).
+* ``mnv3det export`` / ``mnv3det int8-accuracy`` / ``mnv3det benchmark``: deployment tools
+  (see their ``--help``).
 
 User errors (wrong paths, bad values, checkpoints that do not fit) are printed as one line with
 the fix (:mod:`mnv3det.cli.errors`); ``--traceback`` or ``MNV3DET_TRACEBACK=1`` shows the
@@ -24,14 +25,16 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 TOOL_SUBCOMMANDS = {
     "demo": "mnv3det.demos",
     "export": "mnv3det.cli.export",
+    "int8-accuracy": "mnv3det.cli.int8_accuracy",
     "benchmark": "mnv3det.deploy.benchmark.runner",
 }
-USAGE = """usage: mnv3det {fit,validate,test,predict,demo,info,export,benchmark} ...
+USAGE = """usage: mnv3det {fit,validate,test,predict,demo,info,export,int8-accuracy,benchmark} ...
 
   fit|validate|test|predict  LightningCLI; e.g. mnv3det fit --config configs/ssdlite320_mnv3_large_coco.yaml
   demo [detection|segmentation]  train on generated data on the CPU and print the metrics
   info                       MobileNetV3 variants: params, MAdds@224, taps
   export                     ONNX export (see mnv3det export --help)
+  int8-accuracy              fp32 vs int8 accuracy via the tasks' validation (see --help)
   benchmark                  speed table (see mnv3det benchmark --help)
 """
 

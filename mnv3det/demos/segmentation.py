@@ -86,6 +86,7 @@ def main(argv: list[str]) -> int:
     from lightning.pytorch.loggers import CSVLogger
 
     from mnv3det.data.cityscapes_labels import ID_TO_TRAINID, colorize
+    from mnv3det.data.image_io import read_label_png
     from mnv3det.data.synthetic_cityscapes import generate_street_scenes
     from mnv3det.tasks.segmentation import SegmentationTask
     from mnv3det.tasks.segmentation_data import CityscapesDataModule
@@ -163,7 +164,7 @@ def main(argv: list[str]) -> int:
             rgb = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
             name = f"{image_path.parent.name}/{image_path.name}"
             writer.write_item({"file_name": name, "pred": pred, "image": rgb})
-            gt = ID_TO_TRAINID[np.asarray(Image.open(label_path))]
+            gt = ID_TO_TRAINID[read_label_png(label_path)]
             rows.append((rgb, colorize(gt), overlay(rgb, colorize(pred.numpy()), 0.6)))
     sheet = out / "demo_segmentation.png"
     Image.fromarray(_contact_sheet(rows)).save(sheet)
