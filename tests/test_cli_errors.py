@@ -97,3 +97,41 @@ def test_bad_ckpt_path_is_one_line_naming_the_file(tmp_path, kind, command) -> N
     lines = error_lines(proc.stderr)
     assert len(lines) == 2 and lines[0].startswith(f"mnv3det {command}: error: ")
     assert str(path) in lines[0]
+
+
+# In-process checks of the parser's manners (no subprocess: quicker, same code path).
+from mnv3det.cli import main as cli_main  # noqa: E402
+
+
+def test_abbreviated_option_is_an_error_with_the_nearest_key(capsys) -> None:
+    status = cli_main(["fit", "--config", CONFIG, "--trainer.max_epoch", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 2
+    assert "--trainer.max_epoch" in err[0] and "did you mean --trainer.max_epochs?" in err[0]
+
+
+def test_misspelt_config_key_names_the_class_and_the_nearest_argument(tmp_path, capsys) -> None:
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model:\n  init_args:\n    lrr: 0.1\n")
+    status = cli_main(["fit", "--config", CONFIG, "--config", str(typo)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 2
+    assert "DetectionTask" in err[0] and "'lrr'" in err[0] and "did you mean 'lr'?" in err[0]
+
+
+def test_version(capsys) -> None:
+    assert cli_main(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("mnv3det ") and "torch " in out and "lightning " in out
+
+
+def test_help_lists_the_config_classes_options_and_short_class_names_work(capsys) -> None:
+    assert cli_main(["fit", "--config", CONFIG, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--trainer.max_epochs" in out
+    assert "--model.lr LR" in out and "default: 0.15" in out
+    assert "--data.root ROOT" in out
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--model.help", "DetectionTask"])
+    assert exit_info.value.code == 0
+    assert "--model.score_thresh" in capsys.readouterr().out

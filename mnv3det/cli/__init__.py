@@ -28,7 +28,7 @@ TOOL_SUBCOMMANDS = {
     "int8-accuracy": "mnv3det.cli.int8_accuracy",
     "benchmark": "mnv3det.deploy.benchmark.runner",
 }
-USAGE = """usage: mnv3det {fit,validate,test,predict,demo,info,export,int8-accuracy,benchmark} ...
+USAGE = """usage: mnv3det [--version] {fit,validate,test,predict,demo,info,export,int8-accuracy,benchmark} ...
 
   fit|validate|test|predict  LightningCLI; e.g. mnv3det fit --config configs/ssdlite320_mnv3_large_coco.yaml
   demo [detection|segmentation]  train on generated data on the CPU and print the metrics
@@ -39,9 +39,27 @@ USAGE = """usage: mnv3det {fit,validate,test,predict,demo,info,export,int8-accur
 """
 
 
+def version_line() -> str:
+    """``mnv3det X (torch Y, torchvision Z, lightning W)``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    parts = ", ".join(f"{name} {installed(name)}" for name in ("torch", "torchvision", "lightning"))
+    return f"mnv3det {installed('mnv3det')} ({parts})"
+
+
 def info_main(argv: list[str]) -> int:
     """``mnv3det info``: print the variant table."""
-    parser = argparse.ArgumentParser(prog="mnv3det info", description=info_main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="mnv3det info",
+        description="Print every MobileNetV3 variant (Large/Small, widths, reduced tail): "
+        "parameters, MAdds at 224x224 and the taps with their channels and strides.",
+    )
     parser.parse_args(argv)
     from mnv3det.info import info_table
 
@@ -56,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
+    if argv[0] in ("-V", "--version"):
+        print(version_line())
+        return 0
     command, rest = argv[0], argv[1:]
     return run_reporting_user_errors(
         command, rest, lambda args: _run_command(command, args, from_console)
@@ -64,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_command(command: str, rest: list[str], from_console: bool) -> int:
     if command in LIGHTNING_SUBCOMMANDS:
-        from mnv3det.cli.lightning_cli import run_lightning_cli
+        from mnv3det.cli.lightning_cli import print_help_with_config_classes, run_lightning_cli
+
+        if {"-h", "--help"} & set(rest) and {"-c", "--config"} & {a.split("=")[0] for a in rest}:
+            print_help_with_config_classes(command, rest)
+            return 0
 
         if from_console:
             # LightningCLI reads sys.argv itself (given args too, it warns that both were
