@@ -118,3 +118,22 @@ def test_quantize_errors(tmp_path):
         next(calibration_images("lraspp", tmp_path / "missing"))
     with pytest.raises(ValueError, match="kind"):
         next(calibration_images("yolo", tmp_path))
+
+
+@pytest.mark.slow
+def test_int8_accuracy_runs_the_tasks_validation(tmp_path):
+    """``mnv3det int8-accuracy``: PyTorch, ONNX fp32 and int8 evaluated by DetectionTask's own
+    validation (Trainer.validate); the fp32 export scores exactly what PyTorch scores."""
+    from mnv3det.cli.int8_accuracy import int8_accuracy
+    from mnv3det.models.from_checkpoint import save_model
+
+    coco = generate_shapes_coco(tmp_path / "coco", num_train=4, num_val=3, image_size=96)
+    torch.manual_seed(0)
+    model = mnv3det.ssdlite("small", num_classes=5, size=96, width_mult=0.5, score_thresh=0.2)
+    save_model(spread_head(randomize_bn_stats(model)).eval(), tmp_path / "det.pt")
+    results = int8_accuracy(
+        "ssdlite", coco, tmp_path / "work", weights=tmp_path / "det.pt", calib=4, log=print
+    )
+    assert set(results) == {"pytorch", "onnx_fp32", "onnx_int8"}
+    assert results["onnx_fp32"] == pytest.approx(results["pytorch"], abs=1e-6)
+    assert all(set(r) == {"AP", "AP50"} for r in results.values())
