@@ -46,7 +46,7 @@ def detection_args(root: Path) -> list[str]:
     config = config_saving_every_step("ssdlite320_mnv3_small_coco.yaml", root.parent)
     return [
         *["--config", config, *COMMON],
-        *["--data.root", str(root), "--data.label_map", "contiguous", "--data.size", "96"],
+        *["--data.root", str(root), "--data.label_map", "contiguous"],
         *["--data.batch_size", "4", "--data.zoom_out_max_scale", "2.0"],
         *["--data.photometric", "true", "--data.val_split", "val2017"],
         *["--model.num_classes", "5", "--model.size", "96", "--model.width_mult", "0.5"],

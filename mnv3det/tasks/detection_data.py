@@ -182,7 +182,9 @@ class CocoDataModule(ResumableTrainData, L.LightningDataModule):
             raise ValueError(f"size must be at least 32 pixels; got {size}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-        self.save_hyperparameters()
+        # size: null (the model's size) is left out of the hyper-parameters: Lightning refuses
+        # to log a ``size`` that differs between the model and the data module.
+        self.save_hyperparameters(ignore=["size"] if size is None else None)
         self.root = Path(root)
         self.size = size
         self.batch_size = batch_size
