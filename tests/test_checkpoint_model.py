@@ -133,7 +133,8 @@ def test_segmentation_checkpoint_rebuilds_the_exact_model_and_exports(
     assert str(model) == str(task.model)
     # export's example size: the paper pooling's window clamp makes the exported size static
     images = torch.rand(1, 3, 256, 512, generator=torch.Generator().manual_seed(0))
-    deploy = SegmenterDeploy(model, tuple(desc["mean"]), tuple(desc["std"]))
+    assert desc["image_mean"] == task.model.normalize.description["image_mean"]
+    deploy = SegmenterDeploy(model)  # the model normalises its [0, 1] input itself
     with torch.no_grad():
         ref = task.eval()(images)
         out = deploy(images)
@@ -219,7 +220,11 @@ def test_lraspp_reads_everything_from_a_torchvision_checkpoint(tmp_path) -> None
         "stage3_first",
     )
     assert desc["dilated"] is True
-    x = torch.randn(1, 3, 96, 128)  # already normalised: both models take normalised input
+    # ours takes [0, 1] and normalises inside (ImageNet); torchvision's takes normalised input
+    x = torch.rand(1, 3, 96, 128)
+    normalised = torchvision.transforms.functional.normalize(
+        x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    )
     with torch.no_grad():
-        assert torch.allclose(ours(x), tv(x)["out"], atol=1e-5)
+        assert torch.allclose(ours(x), tv(normalised)["out"], atol=1e-5)
     assert load_model(path).description == desc

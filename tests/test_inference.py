@@ -69,14 +69,25 @@ def test_lraspp_fused_logits_match(channels_last):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_segmenter_deploy_normalises():
+def test_segmenter_deploy_normalises_once():
     torch.manual_seed(0)
     model = randomize_bn_stats(mnv3det.lraspp("small", num_classes=3, width_mult=0.5)).eval()
     images = torch.rand(1, 3, 64, 64)
     mean = torch.tensor(deploy.IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(deploy.IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
-        torch.testing.assert_close(SegmenterDeploy(model)(images), model((images - mean) / std))
+        # ours normalises its [0, 1] input itself: the wrapper adds nothing
+        torch.testing.assert_close(SegmenterDeploy(model)(images), model(images))
+
+        class Normalised(torch.nn.Module):  # a model taking normalised input (torchvision's)
+            def forward(self, x):
+                return {
+                    "out": model.classifier(dict(zip(("low", "high"), model.backbone(x).values())))
+                }
+
+        wrapped = SegmenterDeploy(Normalised())(images)
+        direct = Normalised()((images - mean) / std)["out"]
+        torch.testing.assert_close(wrapped, direct)
 
 
 # ----------------------------------------------------------------------------- SSDLite

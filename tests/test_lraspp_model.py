@@ -8,6 +8,7 @@ from conftest import randomize_bn_stats
 
 import mnv3det
 from mnv3det.models.lraspp import LRASPP
+from mnv3det.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 
 @pytest.mark.parametrize(
@@ -49,14 +50,38 @@ def test_paper_model_size():
 
 def test_low_taps_differ_and_first_block_is_features_4():
     model = mnv3det.lraspp("large").eval()
-    x = torch.randn(1, 3, 64, 64)
+    first_model = mnv3det.lraspp("large", low_tap="stage3_first").eval()
+    first_model.load_state_dict(model.state_dict())
+    # the alias is the backbone's block tap: block4 = torchvision's features[4]
+    assert [f.name for f in first_model.backbone.feature_info] == ["block4", "last_conv"]
+    assert first_model.low_tap == "stage3_first"
+    x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         stage3 = model.features(x)["low"]
-        model.low_tap = "stage3_first"
-        first = model.features(x)["low"]
-        manual = model.backbone.features[:5](x)
+        first = first_model.features(x)["low"]
+        manual = model.backbone.features[:5](model.normalize(x))
     torch.testing.assert_close(first, manual)
     assert stage3.shape == first.shape and not torch.allclose(stage3, first)
+    with pytest.raises(AttributeError):
+        model.low_tap = "stage3_first"  # fixed at construction: it decides the backbone's taps
+
+
+@pytest.mark.parametrize(
+    ("arch", "low_tap", "tap"),
+    [
+        ("large", "block5", "block5"),
+        ("large", "stage4_expand", "stage4_expand"),
+        ("small", "stage3_first", "block2"),
+    ],
+)
+def test_any_stride_8_tap_feeds_the_low_branch(arch, low_tap, tap):
+    model = mnv3det.lraspp(arch, width_mult=0.5, low_tap=low_tap).eval()
+    low, _ = model.backbone.feature_info
+    assert (low.name, low.stride) == (tap, 8)
+    assert model.classifier.low_classifier.in_channels == low.channels
+    assert model.description["low_tap"] == low_tap
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 64, 64)).shape == (1, 19, 64, 64)
 
 
 @pytest.mark.parametrize("pooling", ["global", "paper"])
@@ -98,14 +123,20 @@ def test_weights_backbone_loads_torchvision_imagenet_backbone(tmp_path):
         model = mnv3det.lraspp(
             "large", reduced_tail=False, dilated=False, weights_backbone=path
         ).eval()
-    x = torch.randn(1, 3, 64, 64)
+    # ours takes [0, 1] images and normalises inside; torchvision's backbone gets them normalised
+    x = torch.rand(1, 3, 64, 64)
+    normalised = (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
+        3, 1, 1
+    )
     with torch.no_grad():
-        torch.testing.assert_close(model.features(x)["high"], tv.features(x))
+        torch.testing.assert_close(model.features(x)["high"], tv.features(normalised))
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="low_tap"):
         mnv3det.lraspp("large", low_tap="stage4")
+    with pytest.raises(ValueError, match=r"low_tap.*stride-8.*block4.*'nope'"):
+        mnv3det.lraspp("large", low_tap="nope")
     with pytest.raises(ValueError, match="pooling"):
         mnv3det.lraspp("large", pooling="max")
     with pytest.raises(ValueError, match="num_classes"):

@@ -1,4 +1,10 @@
-"""torchvision's lraspp_mobilenet_v3_large checkpoint loads into mnv3det.lraspp with the same logits."""
+"""torchvision's lraspp_mobilenet_v3_large checkpoint loads into mnv3det.lraspp with the same logits.
+
+Input conversion: ours takes images in [0, 1] and normalises inside (ImageNet mean/std);
+torchvision's model takes them ImageNet-normalised. Every comparison feeds ``x`` in [0, 1] to
+ours and ``tv_input(x)`` (torchvision's own ``normalize`` with the ImageNet constants) to
+torchvision's.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,18 @@ import pytest
 import torch
 from conftest import randomize_bn_stats
 from torchvision.models.segmentation import lraspp_mobilenet_v3_large
+from torchvision.transforms.functional import normalize
 
 import mnv3det
 from mnv3det.weights import CheckpointMismatchError
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def tv_input(x: torch.Tensor) -> torch.Tensor:
+    """What torchvision's LR-ASPP takes for our ``[0, 1]`` input ``x``."""
+    return normalize(x, IMAGENET_MEAN, IMAGENET_STD)
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +45,9 @@ def test_torchvision_checkpoint_gives_same_logits(tv_checkpoint):
     assert ours.weights_report.unused == []
     torch.manual_seed(0)
     for size in [(160, 224), (97, 131)]:  # odd size: interpolation and dilation edge cases
-        x = torch.randn(2, 3, *size) * 2
+        x = torch.rand(2, 3, *size)
         with torch.no_grad():
-            expected = tv(x)["out"]
+            expected = tv(tv_input(x))["out"]
             got = ours(x)
         assert got.shape == expected.shape == (2, 21, *size)
         assert expected.abs().max() > 0.1  # the comparison is not between two near-zero maps
@@ -41,9 +56,9 @@ def test_torchvision_checkpoint_gives_same_logits(tv_checkpoint):
 
 def test_torchvision_state_dict_in_memory_and_explicit_wrong_tap(tv_checkpoint):
     tv, _ = tv_checkpoint
-    x = torch.randn(1, 3, 128, 128)
+    x = torch.rand(1, 3, 128, 128)
     with torch.no_grad():
-        expected = tv(x)["out"]
+        expected = tv(tv_input(x))["out"]
         same = mnv3det.lraspp("large", 21, reduced_tail=False, weights=tv.state_dict()).eval()(x)
         # Forcing the paper's tap (end of the stride-8 stage) is allowed but is another model.
         other = mnv3det.lraspp(

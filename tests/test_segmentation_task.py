@@ -182,13 +182,22 @@ def test_task_eval_with_sliding_window_on_lraspp():
     assert out.shape == (1, 19, 96, 128)
 
 
-def test_inputs_are_imagenet_normalised_by_the_task():
+def test_the_model_normalises_and_the_task_passes_images_in_0_1():
     task = SegmentationTask(arch="small", width_mult=0.5).eval()
     x = torch.rand(1, 3, 32, 64)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     with torch.no_grad():
-        torch.testing.assert_close(task(x), task.model((x - mean) / std))
+        torch.testing.assert_close(task(x), task.model(x))  # no second normalisation
+        low, high = task.model.backbone((x - mean) / std).values()  # ImageNet's, in the model
+        expected = task.model.classifier({"low": low, "high": high})
+        expected = torch.nn.functional.interpolate(expected, size=(32, 64), mode="bilinear")
+        torch.testing.assert_close(task(x), expected)
+    desc = task.model_description()
+    assert desc["image_mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert desc["image_std"] == pytest.approx([0.229, 0.224, 0.225])
+    custom = SegmentationTask(arch="small", width_mult=0.5, mean=(0.5, 0.5, 0.5), std=(0.5,) * 3)
+    assert custom.model.description["image_mean"] == [0.5, 0.5, 0.5]
 
 
 def test_training_step_loss_ignores_255_and_survives_all_ignored_crop():
@@ -297,3 +306,37 @@ def test_demo_runs_end_to_end_on_tiny_settings(tmp_path, capsys):
         Image.open(tmp_path / "predictions/labelIds/aachen/aachen_000000_000019_leftImg8bit.png")
     )
     assert set(np.unique(ids).tolist()) <= set(TRAINID_TO_ID.tolist())
+
+
+@pytest.mark.parametrize("with_description", [True, False])
+def test_old_checkpoint_with_task_mean_std_loads(tmp_path, with_description):
+    # Before the model normalised its input, SegmentationTask did: its hyper-parameters (and the
+    # description's data facts) name the normalisation ``mean``/``std``.
+    from mnv3det.models.from_checkpoint import load_model
+
+    task = SegmentationTask(arch="small", width_mult=0.5).eval()
+    old_hparams = {**task.hparams, "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.3, 0.4)}
+    description = {
+        k: v for k, v in task.model_description().items() if k not in ("image_mean", "image_std")
+    }
+    description.update(mean=[0.5, 0.4, 0.3], std=[0.2, 0.3, 0.4])
+    ckpt = {
+        "state_dict": {f"model.{k}": v for k, v in task.model.state_dict().items()},
+        "hyper_parameters": old_hparams,
+        "pytorch-lightning_version": L.__version__,
+    }
+    if with_description:
+        ckpt["mnv3det"] = description
+    path = tmp_path / "old.ckpt"
+    torch.save(ckpt, path)
+    expected = [0.5, 0.4, 0.3, 0.2, 0.3, 0.4]
+    model = load_model(path)
+    assert [*model.description["image_mean"], *model.description["image_std"]] == pytest.approx(
+        expected
+    )
+    restored = SegmentationTask.load_from_checkpoint(path, map_location="cpu").eval()
+    stats = restored.model.normalize.description
+    assert [*stats["image_mean"], *stats["image_std"]] == pytest.approx(expected)
+    x = torch.rand(1, 3, 32, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), model(x))

@@ -2,6 +2,10 @@
 
 torchvision models get random weights (scaled so that no two top scores tie: with ties the order
 of equal-score detections is arbitrary in torchvision itself) and randomised BatchNorm statistics.
+
+Input conversion: none. Both detectors take the same images in [0, 1] and normalise inside with
+mean = std = 0.5 (torchvision's ``GeneralizedRCNNTransform`` with ``image_mean``/``image_std``,
+ours with :data:`mnv3det.models.normalize.SSDLITE_MEAN`/``SSDLITE_STD``), then resize.
 """
 
 from __future__ import annotations

@@ -27,11 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from heads.ssdlite_postprocess import dense_to_list
+from mnv3det.models.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SSDLiteDeploy", "SegmenterDeploy", "dense_to_list"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class SSDLiteDeploy(nn.Module):
@@ -91,13 +89,17 @@ class SSDLiteDeploy(nn.Module):
 
 
 class SegmenterDeploy(nn.Module):
-    """Normalisation + a segmentation model: ``images in [0, 1] -> logits (N, C, H, W)``.
+    """A segmentation model as ``images in [0, 1] -> logits (N, C, H, W)``.
+
+    :class:`mnv3det.models.lraspp.LRASPP` takes ``[0, 1]`` images and normalises them itself
+    (its ``normalize``); it is called as it is. A model without that (torchvision's LR-ASPP
+    takes normalised images) gets ``mean``/``std`` applied first.
 
     Args:
         model: e.g. :class:`mnv3det.models.lraspp.LRASPP` (returns a logits tensor) or
             torchvision's LR-ASPP (returns ``{"out": logits}``; ``"out"`` is taken).
-        mean: per-channel normalisation mean (ImageNet by default, as the LR-ASPP task uses).
-        std: per-channel normalisation std.
+        mean: per-channel normalisation mean for a model that does not normalise (ImageNet).
+        std: per-channel normalisation std for such a model.
     """
 
     def __init__(
@@ -108,10 +110,10 @@ class SegmenterDeploy(nn.Module):
     ) -> None:
         super().__init__()
         self.model = model.eval()
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        owns_input = isinstance(getattr(model, "normalize", None), Normalize)
+        self.normalize = nn.Identity() if owns_input else Normalize(mean, std)
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits at the input resolution for ``images (N, 3, H, W)`` in ``[0, 1]``."""
-        out = self.model((images - self.mean) / self.std)
+        out = self.model(self.normalize(images))
         return out["out"] if isinstance(out, dict) else out

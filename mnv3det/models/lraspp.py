@@ -4,18 +4,27 @@
 the reduced tail (RF2, 480-channel last conv) and the last stage dilated (output stride 16),
 the low-level branch tapped at stride 8 and the high-level branch at the last conv, and the
 LR-ASPP head of :mod:`heads.lraspp`. ``model(images)`` returns logits ``(N, C, H, W)`` at the
-input resolution (bilinear, ``align_corners=False``, like torchvision). Inputs are normalised
-with the ImageNet mean/std by the caller (the Lightning task does it), as for torchvision's
-model.
+input resolution (bilinear, ``align_corners=False``, like torchvision).
 
-Low-level tap. The paper (Fig. 10) draws the low branch from the "1/8 resolution" features.
-This module offers both readings:
+Input convention: images in ``[0, 1]``, like :func:`mnv3det.ssdlite`. The model normalises them
+itself (:class:`~mnv3det.models.normalize.Normalize`, ImageNet mean/std by default, stored in
+its description as ``image_mean``/``image_std``), so the eager model, the fast path and the ONNX
+graph take the same input. torchvision's ``lraspp_mobilenet_v3_large`` takes ImageNet-normalised
+images instead: ``ours(x) == tv(normalize(x))["out"]``.
 
-* ``"stage3"`` (default): the *last* block output at stride 8 (``features.6`` of Large, 40 ch),
-  the complete stride-8 stage.
-* ``"stage3_first"``: the output of the *first* stride-8 block (``features.4`` of Large, also
-  40 ch). This is what torchvision's ``lraspp_mobilenet_v3_large`` taps (its builder takes the
-  strided "C2" block itself), so torchvision checkpoints need it for identical logits.
+Low-level tap. The paper (Fig. 10) draws the low branch from the "1/8 resolution" features;
+``low_tap`` is any stride-8 tap of the backbone (:func:`mnv3det.backbone.tap_info`), the taps
+themselves compute it (nothing is re-run by hand here). Two readings of the paper have names:
+
+* ``"stage3"`` (default): the *last* block output at stride 8 (``block6`` = ``features.6`` of
+  Large, 40 ch), the complete stride-8 stage.
+* ``"stage3_first"``: an alias of the *first* stride-8 block (``block4`` = ``features.4`` of
+  Large, ``block2`` of Small). This is what torchvision's ``lraspp_mobilenet_v3_large`` taps (its
+  builder takes the strided "C2" block itself), so torchvision checkpoints need it for identical
+  logits. The alias is kept as given in the description (older checkpoints store it).
+
+Other stride-8 taps (``block5`` of Large, ``stage4_expand``) can be chosen too, e.g. from a
+config (``SegmentationTask.low_tap``).
 
 With ``low_tap=None`` the choice is automatic: the checkpoint's description when it has one,
 ``"stage3_first"`` when ``weights`` is a torchvision LR-ASPP checkpoint (keys
@@ -35,6 +44,7 @@ argument that contradicts it is a :class:`~mnv3det.weights.CheckpointConflictErr
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -45,7 +55,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from heads.lraspp import PAPER_POOL_KERNEL, PAPER_POOL_STRIDE, LRASPPHead
-from mnv3det.backbone import MobileNetV3Backbone, block_configs, mobilenet_v3
+from mnv3det.backbone import MobileNetV3Backbone, block_stages, block_tap, mobilenet_v3, tap_info
+from mnv3det.models.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from mnv3det.weights import (
     DESCRIPTION_VERSION,
     Checkpoint,
@@ -59,6 +70,8 @@ from mnv3det.weights import (
 )
 
 LOW_TAPS = ("stage3", "stage3_first")
+"""The named low taps (any other stride-8 backbone tap is accepted as well)."""
+LOW_STRIDE = 8
 HIGH_TAP = "last_conv"
 _TV_BACKBONE_KEY = re.compile(r"^backbone\.(\d+)\.")
 _LRASPP_ANCHORS = ("backbone.", "classifier.")
@@ -75,22 +88,40 @@ LRASPP_DEFAULTS: dict[str, object] = {
     "inter_channels": 128,
     "pool_kernel": PAPER_POOL_KERNEL,
     "pool_stride": PAPER_POOL_STRIDE,
+    "image_mean": IMAGENET_MEAN,
+    "image_std": IMAGENET_STD,
 }
+#: Description keys of older checkpoints (SegmentationTask's ``mean``/``std`` data facts).
+_LEGACY_KEYS = {"mean": "image_mean", "std": "image_std"}
 
 
 class WeightsFormatError(CheckpointFormatError):
     """The checkpoint is neither a torchvision LR-ASPP nor an mnv3det LR-ASPP state_dict."""
 
 
-def _stride8_block_indices(arch: str, width_mult: float) -> tuple[int, int]:
-    """``features`` indices of the first and the last block whose output is at stride 8."""
-    _, configs, _, _ = block_configs(arch, width_mult)
-    stride, at_8 = 2, []
-    for index, cfg in enumerate(configs, start=1):  # features[0] is the stem
-        stride *= cfg.stride
-        if stride == 8:
-            at_8.append(index)
-    return at_8[0], at_8[-1]
+def backbone_low_tap(low_tap: str, arch: str) -> str:
+    """The backbone tap a ``low_tap`` name stands for (``"stage3_first"`` -> ``block4`` of Large)."""
+    if low_tap == "stage3_first":
+        return block_tap(block_stages(arch).index(3) + 1)
+    return low_tap
+
+
+def check_low_tap(low_tap: str, arch: str, width_mult: float = 1.0) -> str:
+    """Validate a ``low_tap`` and return its backbone tap.
+
+    Raises:
+        ValueError: not a stride-8 tap of this variant (names the choices).
+    """
+    taps = tap_info(arch, width_mult)  # stride 8 does not depend on the tail or the dilation
+    name = backbone_low_tap(low_tap, arch)
+    at_8 = [t.name for t in taps if t.stride == LOW_STRIDE]
+    if name not in at_8:
+        raise ValueError(
+            f"lraspp: low_tap must be a stride-{LOW_STRIDE} tap of MobileNetV3-{arch}: "
+            f"'stage3_first' (alias of {backbone_low_tap('stage3_first', arch)}) or one of "
+            f"{at_8}; got {low_tap!r}"
+        )
+    return name
 
 
 def _normalise_keys(
@@ -117,8 +148,22 @@ class LRASPP(nn.Module):
 
     Build it with :func:`lraspp`. Attributes: ``backbone`` (a
     :class:`~mnv3det.backbone.MobileNetV3Backbone`), ``classifier`` (the
-    :class:`~heads.lraspp.LRASPPHead`), ``low_tap``, ``num_classes``, ``output_stride``,
-    ``weights_report`` (a :class:`~mnv3det.weights.LoadReport` when ``weights`` were given).
+    :class:`~heads.lraspp.LRASPPHead`), ``normalize`` (the input
+    :class:`~mnv3det.models.normalize.Normalize`), ``low_tap`` (as given; the backbone's first
+    tap is what it stands for), ``num_classes``, ``output_stride``, ``weights_report`` (a
+    :class:`~mnv3det.weights.LoadReport` when ``weights`` were given).
+
+    Args:
+        backbone: a :class:`~mnv3det.backbone.MobileNetV3Backbone` with taps
+            ``[backbone_low_tap(low_tap), "last_conv"]``.
+        num_classes: output classes.
+        low_tap: the low branch's tap: a stride-8 backbone tap or ``"stage3_first"``.
+        inter_channels: width of the gated branch.
+        pooling: gate pooling, ``"global"`` or ``"paper"``.
+        pool_kernel: paper gate window in feature cells.
+        pool_stride: paper gate stride in feature cells.
+        image_mean: normalisation mean of the ``[0, 1]`` input (ImageNet).
+        image_std: normalisation std of the ``[0, 1]`` input (ImageNet).
     """
 
     def __init__(
@@ -130,22 +175,22 @@ class LRASPP(nn.Module):
         pooling: str = "global",
         pool_kernel: int | Sequence[int] = PAPER_POOL_KERNEL,
         pool_stride: int | Sequence[int] = PAPER_POOL_STRIDE,
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
-        if low_tap not in LOW_TAPS:
-            raise ValueError(f"lraspp: low_tap must be one of {LOW_TAPS}, got {low_tap!r}")
+        low_name = check_low_tap(low_tap, backbone.arch, backbone.width_mult)
         names = [f.name for f in backbone.feature_info]
-        if names != ["stage3", HIGH_TAP]:
+        if names != [low_name, HIGH_TAP]:
             raise ValueError(
-                f"LRASPP needs a backbone with taps ['stage3', 'last_conv'], got {names}"
+                f"LRASPP needs a backbone with taps [{low_name!r}, {HIGH_TAP!r}], got {names}"
             )
+        self.normalize = Normalize(image_mean, image_std)
         self.backbone = backbone
-        self.low_tap = low_tap
+        self._low_tap = low_tap
         self.num_classes = num_classes
         low_info, high_info = backbone.feature_info
         self.output_stride = high_info.stride
-        first, _ = _stride8_block_indices(backbone.arch, backbone.width_mult)
-        self._low_index = first  # only used for low_tap="stage3_first"
         self.classifier = LRASPPHead(
             low_info.channels,
             high_info.channels,
@@ -162,7 +207,12 @@ class LRASPP(nn.Module):
         self.pool_stride = _plain_pair(pool_stride)
         self.weights_report: LoadReport | None = None
         self.meta: dict = {}
-        """Data facts from the checkpoint (``label_map``, ``class_names``, ``mean``, ``std``)."""
+        """Data facts from the checkpoint (``label_map``, ``class_names``)."""
+
+    @property
+    def low_tap(self) -> str:
+        """The low branch's tap as given (fixed at construction: it decides the backbone)."""
+        return self._low_tap
 
     @property
     def description(self) -> dict:
@@ -187,27 +237,20 @@ class LRASPP(nn.Module):
             "inter_channels": self.inter_channels,
             "num_classes": int(self.num_classes),
             "output_stride": int(self.output_stride),
+            **self.normalize.description,
             **self.meta,
         }
 
     def features(self, images: Tensor) -> dict[str, Tensor]:
-        """The head's inputs ``{"low": stride-8 map, "high": last conv}``."""
-        if self.low_tap == "stage3":
-            taps = self.backbone(images)
-            return {"low": taps["stage3"], "high": taps[HIGH_TAP]}
-        # torchvision's tap (first stride-8 block) is not a backbone tap: run the layers here.
-        x, low = images, None
-        for index, layer in enumerate(self.backbone.features):
-            x = layer(x)
-            if index == self._low_index:
-                low = x
-        return {"low": low, "high": x}
+        """The head's inputs ``{"low": stride-8 map, "high": last conv}`` of ``[0, 1]`` images."""
+        low, high = self.backbone(self.normalize(images)).values()
+        return {"low": low, "high": high}
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits at the input resolution.
 
         Args:
-            images: ``(N, 3, H, W)``, ImageNet-normalised.
+            images: ``(N, 3, H, W)`` RGB in ``[0, 1]`` (normalised here, see :attr:`normalize`).
 
         Returns:
             ``(N, num_classes, H, W)`` logits.
@@ -283,6 +326,8 @@ def lraspp(
     inter_channels: int | None = None,
     pool_kernel: int | Sequence[int] | None = None,
     pool_stride: int | Sequence[int] | None = None,
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
     **backbone_kwargs: Any,
 ) -> LRASPP:
     """Build LR-ASPP on MobileNetV3 (paper §6.4).
@@ -311,10 +356,14 @@ def lraspp(
         weights_backbone: an ImageNet MobileNetV3 checkpoint (torchvision/timm) for the backbone
             only (ignored when ``weights`` is given).
         low_tap: ``"stage3"`` (last stride-8 block), ``"stage3_first"`` (first stride-8 block,
-            torchvision's choice) or ``None`` (automatic, see the module docstring).
+            torchvision's choice), another stride-8 backbone tap (``"block5"``,
+            ``"stage4_expand"``) or ``None`` (automatic, see the module docstring).
         inter_channels: width of the gated branch (default 128, the paper's).
         pool_kernel: paper gate window in feature cells (default 49).
         pool_stride: paper gate stride in feature cells (default (16, 20)).
+        image_mean: mean the model normalises its ``[0, 1]`` input with (default ImageNet's,
+            :data:`~mnv3det.models.normalize.IMAGENET_MEAN`).
+        image_std: std of that normalisation (default ImageNet's).
         **backbone_kwargs: passed to :func:`mnv3det.mobilenet_v3` (``norm_layer``,
             ``frozen_stages``, ``norm_eval``, ``frozen_bn``).
 
@@ -332,6 +381,7 @@ def lraspp(
     ckpt = read_checkpoint(weights) if weights is not None else None
     state, fmt, inferred = None, "", {}
     if ckpt is not None:
+        ckpt = _upgrade_description(ckpt)
         state, fmt = _normalise_keys(ckpt.state, ckpt.name)
         described = ckpt.description
         inferred = _infer_lraspp(
@@ -344,32 +394,54 @@ def lraspp(
     args = resolve_arguments("lraspp", explicit, ckpt, LRASPP_DEFAULTS, inferred)
     if args["num_classes"] < 1:
         raise ValueError(f"lraspp: num_classes must be >= 1, got {args['num_classes']}")
+    low_tap = args["low_tap"] or "stage3"
     backbone = mobilenet_v3(
         args["arch"],
         width_mult=args["width_mult"],
         reduced_tail=args["reduced_tail"],
         dilated=args["dilated"],
-        taps=["stage3", HIGH_TAP],
+        taps=[check_low_tap(low_tap, args["arch"], args["width_mult"]), HIGH_TAP],
         weights=weights_backbone,
         **backbone_kwargs,
     )
     model = LRASPP(
         backbone,
         args["num_classes"],
-        low_tap=args["low_tap"] or "stage3",
+        low_tap=low_tap,
         inter_channels=args["inter_channels"],
         pooling=args["pooling"],
         pool_kernel=args["pool_kernel"],
         pool_stride=args["pool_stride"],
+        image_mean=args["image_mean"],
+        image_std=args["image_std"],
     )
     if ckpt is not None:
         model.meta = {
-            k: ckpt.description[k]
-            for k in ("label_map", "class_names", "mean", "std")
-            if k in ckpt.description
+            k: ckpt.description[k] for k in ("label_map", "class_names") if k in ckpt.description
         }
         model._load_state(state, ckpt.name, fmt)
     return model
 
 
-__all__ = ["HIGH_TAP", "LOW_TAPS", "LRASPP", "LRASPP_DEFAULTS", "WeightsFormatError", "lraspp"]
+def _upgrade_description(ckpt: Checkpoint) -> Checkpoint:
+    """Older descriptions name the input normalisation ``mean``/``std`` (a task data fact)."""
+    old = {k: v for k, v in ckpt.description.items() if k in _LEGACY_KEYS}
+    if not old:
+        return ckpt
+    description = {k: v for k, v in ckpt.description.items() if k not in _LEGACY_KEYS}
+    for key, value in old.items():
+        description.setdefault(_LEGACY_KEYS[key], value)
+    return dataclasses.replace(ckpt, description=description)
+
+
+__all__ = [
+    "HIGH_TAP",
+    "LOW_STRIDE",
+    "LOW_TAPS",
+    "LRASPP",
+    "LRASPP_DEFAULTS",
+    "WeightsFormatError",
+    "backbone_low_tap",
+    "check_low_tap",
+    "lraspp",
+]

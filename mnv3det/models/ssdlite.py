@@ -7,9 +7,10 @@ separable prediction heads, default boxes, multibox loss, batched post-processin
 torchvision's detection conventions:
 
 * input: a list of float images ``(3, H, W)`` in ``[0, 1]``, each of any size (or one
-  ``(N, 3, H, W)`` tensor). The model normalises them (mean = std = 0.5, i.e. to ``[-1, 1]``)
-  and resizes each to ``size x size`` (bilinear), as torchvision's ``GeneralizedRCNNTransform``
-  with ``fixed_size`` does for SSDLite.
+  ``(N, 3, H, W)`` tensor). The model normalises them itself (its ``normalize``, mean = std =
+  0.5, i.e. to ``[-1, 1]``; see :mod:`mnv3det.models.normalize`) and resizes each to
+  ``size x size`` (bilinear), as torchvision's ``GeneralizedRCNNTransform`` with ``fixed_size``
+  does for SSDLite.
 * train mode: ``model(images, targets)`` with targets ``{"boxes": (G, 4) xyxy in that image's
   pixels, "labels": (G,) int64 in 1..num_classes-1}`` returns ``{"bbox_regression",
   "classification"}`` losses.
@@ -57,6 +58,7 @@ from heads.ssdlite import (
 )
 from heads.ssdlite_postprocess import dense_postprocess, dense_to_list
 from mnv3det.backbone import MobileNetV3Backbone, mobilenet_v3
+from mnv3det.models.normalize import SSDLITE_MEAN, SSDLITE_STD, Normalize
 from mnv3det.weights import (
     DESCRIPTION_VERSION,
     Checkpoint,
@@ -94,8 +96,8 @@ SSDLITE_DEFAULTS: dict[str, object] = {
     "aspect_ratios": None,
     "min_ratio": 0.2,
     "max_ratio": 0.95,
-    "image_mean": (0.5, 0.5, 0.5),
-    "image_std": (0.5, 0.5, 0.5),
+    "image_mean": SSDLITE_MEAN,
+    "image_std": SSDLITE_STD,
 }
 #: Post-processing settings an explicit argument may change on a described checkpoint.
 SSDLITE_OVERRIDABLE = ("score_thresh", "nms_thresh", "detections_per_img", "topk_candidates")
@@ -124,8 +126,8 @@ class SSDLite(nn.Module):
         nms_thresh: NMS IoU threshold.
         detections_per_img: detections kept per image.
         topk_candidates: candidates per class before NMS.
-        image_mean: normalisation mean.
-        image_std: normalisation std.
+        image_mean: normalisation mean of the ``[0, 1]`` input (0.5, torchvision's).
+        image_std: normalisation std of the ``[0, 1]`` input (0.5, torchvision's).
         iou_threshold: matching IoU for training.
         neg_to_pos_ratio: hard negatives per positive.
         norm_layer: normalisation of the extra blocks and heads.
@@ -144,8 +146,8 @@ class SSDLite(nn.Module):
         nms_thresh: float = 0.55,
         detections_per_img: int = 300,
         topk_candidates: int = 300,
-        image_mean: Sequence[float] = (0.5, 0.5, 0.5),
-        image_std: Sequence[float] = (0.5, 0.5, 0.5),
+        image_mean: Sequence[float] = SSDLITE_MEAN,
+        image_std: Sequence[float] = SSDLITE_STD,
         iou_threshold: float = 0.5,
         neg_to_pos_ratio: int = 3,
         norm_layer=None,
@@ -183,10 +185,7 @@ class SSDLite(nn.Module):
         self.topk_candidates = topk_candidates
         self.iou_threshold = iou_threshold
         self.neg_to_pos_ratio = neg_to_pos_ratio
-        self.register_buffer(
-            "image_mean", torch.tensor(image_mean).view(-1, 1, 1), persistent=False
-        )
-        self.register_buffer("image_std", torch.tensor(image_std).view(-1, 1, 1), persistent=False)
+        self.normalize = Normalize(image_mean, image_std)
         self.weights_report: LoadReport | None = None
         self.meta: dict = {}
         """Data facts from the checkpoint (``task``, ``label_map``, ``class_names``)."""
@@ -217,8 +216,7 @@ class SSDLite(nn.Module):
             "nms_thresh": float(self.nms_thresh),
             "detections_per_img": int(self.detections_per_img),
             "topk_candidates": int(self.topk_candidates),
-            "image_mean": [float(v) for v in self.image_mean.flatten()],
-            "image_std": [float(v) for v in self.image_std.flatten()],
+            **self.normalize.description,
             **self.meta,
         }
 
@@ -270,7 +268,7 @@ class SSDLite(nn.Module):
         ONNX graph): always one bilinear resize (an identity at the model size), so the traced
         graph has no shape-dependent branch, as torchvision's transform always resizes.
         """
-        batch = (batch - self.image_mean.to(batch)) / self.image_std.to(batch)
+        batch = self.normalize(batch)
         return F.interpolate(batch, size=self.size, mode="bilinear", align_corners=False)
 
     def box_scale(self, image_sizes: Tensor) -> Tensor:

@@ -3,11 +3,11 @@
 Configs name it ``mnv3det.tasks.segmentation.SegmentationTask`` together with
 :class:`mnv3det.tasks.segmentation_data.CityscapesDataModule`:
 
-* the model is :func:`mnv3det.lraspp` (arch, width, reduced tail, dilation, gate pooling,
-  torchvision/ImageNet weights);
-* data come as images in [0, 1]; the task normalises them with the ImageNet mean/std (what
-  torchvision's and the ImageNet backbone weights expect), so the same data module serves every
-  model;
+* the model is :func:`mnv3det.lraspp` (arch, width, reduced tail, dilation, gate pooling, low
+  tap, torchvision/ImageNet weights);
+* data come as images in [0, 1] and go to the model as they are: the model normalises them
+  itself (ImageNet mean/std by default, what torchvision's and the ImageNet backbone weights
+  expect; see :mod:`mnv3det.models.normalize`), like SSDLite;
 * training: per-pixel cross-entropy with ``ignore_index=255``, SGD with momentum and a
   per-step polynomial ("poly", power 0.9) learning-rate decay, the DeepLab/LR-ASPP recipe
   (:func:`mnv3det.tasks.optim.sgd_with_schedule`);
@@ -42,9 +42,6 @@ from mnv3det.tasks.checkpoints import make_checkpoint_safe
 from mnv3det.tasks.description import datamodule_facts, describe_in_checkpoint
 from mnv3det.tasks.optim import set_bn_momentum, sgd_with_schedule
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 def _window_starts(size: int, window: int, stride: int) -> list[int]:
     """Start offsets covering ``size`` with ``window``-long windows; the last one ends at the edge."""
@@ -70,8 +67,9 @@ def sliding_window_logits(
     gate pooling saw in training.
 
     Args:
-        model: maps ``(N, 3, h, w)`` normalised images to ``(N, C, h, w)`` logits.
-        images: ``(N, 3, H, W)`` normalised images.
+        model: maps ``(N, 3, h, w)`` images to ``(N, C, h, w)`` logits (pixel-wise input
+            normalisation, as the models' own, commutes with the windows).
+        images: ``(N, 3, H, W)`` images (in [0, 1] for our models).
         window: ``(height, width)`` of a window.
         stride: ``(height, width)`` step between windows.
         num_classes: ``C``.
@@ -104,7 +102,12 @@ class SegmentationTask(L.LightningModule):
         weights: a full LR-ASPP checkpoint (torchvision's or ours) to start from.
         weights_backbone: an ImageNet MobileNetV3 checkpoint for the backbone (the paper trains
             from scratch; torchvision's recipe starts from ImageNet weights).
-        low_tap: LR-ASPP low-level tap, ``"stage3"``, ``"stage3_first"`` or ``None`` (auto).
+        low_tap: LR-ASPP low-level tap: any stride-8 backbone tap (``"stage3"`` = end of the
+            stride-8 stage, the default; ``"stage3_first"`` = its first block, torchvision's;
+            ``"block5"``, ``"stage4_expand"``, ...; see :func:`mnv3det.backbone.tap_info`) or
+            ``None`` (automatic: the checkpoint's, torchvision's for its weights, else
+            ``"stage3"``). Settable from a config (``model.init_args.low_tap``). The high tap
+            is the last conv (the paper's; not configurable).
         lr: base learning rate (0.01 in mmsegmentation's LR-ASPP recipe at batch 16).
         momentum: SGD momentum.
         weight_decay: decay on conv weights (not on BatchNorm/biases).
@@ -119,8 +122,11 @@ class SegmentationTask(L.LightningModule):
         val_window_stride: step between windows (default: two thirds of ``val_window``).
         class_names: names for the IoU table (default: Cityscapes train-id names).
         print_table: print the per-class IoU table after each validation/test (rank 0 only).
-        mean: normalisation mean for [0, 1] inputs (ImageNet).
-        std: normalisation std for [0, 1] inputs (ImageNet).
+        mean: the model's input normalisation mean (``lraspp(image_mean=...)``); ``None``
+            (default) is ImageNet's or the checkpoint's. The model applies it: the task passes
+            [0, 1] images straight to the model. Kept under this name so checkpoints of older
+            versions (whose hyper-parameters hold it) load.
+        std: the model's input normalisation std (``lraspp(image_std=...)``), as ``mean``.
     """
 
     def __init__(
@@ -144,8 +150,8 @@ class SegmentationTask(L.LightningModule):
         val_window_stride: tuple[int, int] | None = None,
         class_names: Sequence[str] | None = None,
         print_table: bool = True,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -165,6 +171,8 @@ class SegmentationTask(L.LightningModule):
             weights=weights,
             weights_backbone=weights_backbone,
             low_tap=low_tap,
+            image_mean=mean,
+            image_std=std,
         )
         set_bn_momentum(self.model, bn_momentum, "SegmentationTask")
         if class_names is None:
@@ -180,29 +188,24 @@ class SegmentationTask(L.LightningModule):
         if val_window_stride is None and self.val_window is not None:
             val_window_stride = tuple(max(1, 2 * v // 3) for v in self.val_window)
         self.val_window_stride = val_window_stride
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.val_metric = SegmentationMetrics(num_classes, ignore_index, self.class_names)
         self.test_metric = SegmentationMetrics(num_classes, ignore_index, self.class_names)
         self.last_results: dict[str, Any] = {}
+        self.loaded_position: tuple[int | None, int | None] | None = None
+        """``(epoch, global_step)`` of the checkpoint loaded by validate/test/predict."""
         """Results of the last validation/test (``iou``, ``miou``, ..., ``table``)."""
 
     # ----------------------------------------------------------------- model
-    def normalize(self, images: Tensor) -> Tensor:
-        """[0, 1] RGB -> ImageNet-normalised."""
-        return (images - self.mean) / self.std
-
     def forward(self, images: Tensor) -> Tensor:
         """Logits ``(N, C, H, W)`` for ``[0, 1]`` images ``(N, 3, H, W)``."""
-        return self.model(self.normalize(images))
+        return self.model(images)
 
     def infer(self, images: Tensor) -> Tensor:
-        """Evaluation logits: one pass, or sliding windows when ``val_window`` is set."""
-        x = self.normalize(images)
+        """Evaluation logits of ``[0, 1]`` images: one pass, or sliding windows (``val_window``)."""
         if self.val_window is None:
-            return self.model(x)
+            return self.model(images)
         return sliding_window_logits(
-            self.model, x, self.val_window, self.val_window_stride, self.num_classes
+            self.model, images, self.val_window, self.val_window_stride, self.num_classes
         )
 
     # -------------------------------------------------------------- training
@@ -217,15 +220,16 @@ class SegmentationTask(L.LightningModule):
         return loss
 
     def model_description(self) -> dict[str, Any]:
-        """The model's description plus class names, label map (train id -> Cityscapes label
-        id for the 19 Cityscapes classes) and the input normalisation."""
+        """The model's description (with its input normalisation) plus class names and label
+        map (train id -> Cityscapes label id for the 19 Cityscapes classes)."""
         facts: dict[str, Any] = {"class_names": list(self.class_names)}
         if tuple(self.class_names) == CLASS_NAMES:
             facts["label_map"] = {i: int(v) for i, v in enumerate(TRAINID_TO_ID.tolist())}
         facts.update(datamodule_facts(self, self.num_classes))
-        facts["mean"] = [float(v) for v in self.hparams.mean]
-        facts["std"] = [float(v) for v in self.hparams.std]
         return {**self.model.description, **facts}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.loaded_position = (checkpoint.get("epoch"), checkpoint.get("global_step"))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Keep the .ckpt loadable with weights_only=True (lraspp(weights=...), mnv3det export)
@@ -286,6 +290,10 @@ class SegmentationTask(L.LightningModule):
         }
         if self.hparams.print_table and not sanity:
             epoch = f"epoch {self.current_epoch}, step {self.global_step}"
+            if self.trainer.state.fn != "fit" and self.loaded_position is not None:
+                # validate/test --ckpt_path: the trainer's counters start at 0, the
+                # checkpoint's are what the numbers belong to
+                epoch = "checkpoint epoch {}, step {}".format(*self.loaded_position)
             rank_zero_info(f"\n[{stage}] per-class IoU ({epoch}):\n{table}")
 
     def on_validation_epoch_end(self) -> None:
@@ -324,4 +332,4 @@ class SegmentationTask(L.LightningModule):
         return out
 
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SegmentationTask", "sliding_window_logits"]
+__all__ = ["SegmentationTask", "sliding_window_logits"]
