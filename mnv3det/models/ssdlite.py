@@ -2,7 +2,9 @@
 
 The backbone's ``stage5_expand`` tap (C4: the expansion layer of the first stride-32 block, at
 stride 16) and ``last_conv`` tap (C5, stride 32) feed :mod:`heads.ssdlite` (four extra blocks,
-separable prediction heads, default boxes, multibox loss, batched post-processing).
+separable prediction heads, default boxes, multibox loss, batched post-processing). These taps
+are fixed (``SSDLITE_TAPS``): the paper attaches SSDLite's first layer to C4 and the second to
+C5, the layout torchvision's checkpoints have, so they are not a builder or config option.
 
 torchvision's detection conventions:
 
@@ -81,6 +83,7 @@ __all__ = [
 
 #: Backbone taps of SSDLite (paper §6.3): C4 (expansion layer, stride 16) and C5 (stride 32).
 SSDLITE_TAPS = ("stage5_expand", "last_conv")
+"""The paper's C4 and C5 (§6.3); fixed, not configurable."""
 #: Documented defaults of :func:`ssdlite` (used when neither an argument nor the checkpoint
 #: gives a value).
 SSDLITE_DEFAULTS: dict[str, object] = {
