@@ -75,6 +75,8 @@ def run(args: list[str], cwd: Path, *extra: str) -> subprocess.CompletedProcess:
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # no dependency noise a user cannot act on (mnv3det.cli.quiet)
+    assert "litlogger" not in proc.stderr and "LeafSpec" not in proc.stderr
     return proc
 
 

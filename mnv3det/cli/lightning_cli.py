@@ -22,6 +22,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from mnv3det.cli.quiet import quiet_dependency_noise
 from mnv3det.cli.runs import prepare_run_folder
 from mnv3det.weights import CheckpointFormatError, read_checkpoint
 
@@ -150,6 +151,7 @@ def run_lightning_cli(args: list[str] | None) -> None:
     Args:
         args: the subcommand and its arguments; ``None`` reads ``sys.argv`` (console script).
     """
+    quiet_dependency_noise()
     # Imported so that jsonargparse knows the subclasses by their short names
     # (`--model.help DetectionTask`, `class_path: CocoDataModule`).
     import mnv3det.tasks.detection
