@@ -109,7 +109,7 @@ def test_export_cli_errors(tmp_path, capsys):
 def test_benchmark_table_small(capsys):
     """The benchmark runs (tiny sizes, one iteration) and prints one markdown table: LR-ASPP
     in-process through the ONNX export path, SSDLite in a subprocess (its own peak memory)."""
-    from mnv3det.deploy.benchmark.runner import main as benchmark_main
+    from mnv3det.cli.benchmark import main as benchmark_main
 
     common = ["--batch-sizes", "2", "--iters", "1", "--warmup", "0"]
     seg = ["--models", "lraspp", *common, "--seg-size", "64x96", "--in-process"]
@@ -130,7 +130,7 @@ def test_benchmark_table_small(capsys):
 
 
 def test_benchmark_merge_rounds_pools_timings():
-    from mnv3det.deploy.benchmark.runner import merge_rounds, summarise
+    from mnv3det.deploy.benchmark.timing import merge_rounds, summarise
 
     base = {"model": "ssdlite", "config": "fused", "batch": 1}
     rounds = [
@@ -145,7 +145,7 @@ def test_benchmark_merge_rounds_pools_timings():
 
 
 def test_benchmark_rejects_unknown_config():
-    from mnv3det.deploy.benchmark.runner import main as benchmark_main
+    from mnv3det.cli.benchmark import main as benchmark_main
 
     with pytest.raises(SystemExit):
         benchmark_main(["--configs", "tensorrt"])

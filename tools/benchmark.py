@@ -5,7 +5,7 @@ Same as ``mnv3det benchmark``; see ``python tools/benchmark.py --help`` and docs
 
 import sys
 
-from mnv3det.deploy.benchmark.runner import main
+from mnv3det.cli.benchmark import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,7 +26,7 @@ TOOL_SUBCOMMANDS = {
     "demo": "mnv3det.demos",
     "export": "mnv3det.cli.export",
     "int8-accuracy": "mnv3det.cli.int8_accuracy",
-    "benchmark": "mnv3det.deploy.benchmark.runner",
+    "benchmark": "mnv3det.cli.benchmark",
 }
 USAGE = """usage: mnv3det [--version] {fit,validate,test,predict,demo,info,export,int8-accuracy,benchmark} ...
 

@@ -17,7 +17,6 @@ from torch import nn
 
 from mnv3det.deploy.int8 import calibration_images, quantize_onnx
 from mnv3det.deploy.onnx import check_onnx, export_lraspp, export_ssdlite
-from mnv3det.deploy.wrappers import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["add_model_arguments", "build_model", "main"]
 
@@ -134,14 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 detections_per_img=args.detections_per_img,
             )
         else:
-            meta = getattr(model, "meta", {})
-            export_lraspp(
-                model,
-                output,
-                fuse=not args.no_fuse,
-                mean=tuple(meta.get("mean", IMAGENET_MEAN)),
-                std=tuple(meta.get("std", IMAGENET_STD)),
-            )
+            export_lraspp(model, output, fuse=not args.no_fuse)  # normalises inside
         print(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB)")
         if args.check:
             print(check_onnx(model, output, args.model))

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from heads.ssdlite_postprocess import dense_to_list
 from mnv3det.deploy.fast import fuse_conv_bn
-from mnv3det.deploy.wrappers import IMAGENET_MEAN, IMAGENET_STD, SegmenterDeploy, SSDLiteDeploy
+from mnv3det.deploy.wrappers import SegmenterDeploy, SSDLiteDeploy
+from mnv3det.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "ExportError",
@@ -190,8 +191,10 @@ def export_lraspp(
         path: output file.
         fuse: fold BatchNorms into the convolutions first.
         example_size: ``(H, W)`` of the tracing example.
-        mean: normalisation mean baked into the graph.
-        std: normalisation std baked into the graph.
+        mean: normalisation mean baked into the graph for a model that does not normalise its
+            ``[0, 1]`` input itself (torchvision's; ours does, see
+            :class:`~mnv3det.deploy.wrappers.SegmenterDeploy`).
+        std: normalisation std for such a model.
 
     Returns:
         The written path.

@@ -1,0 +1,130 @@
+"""``mnv3det benchmark``: one speed table, ours next to torchvision's, on this machine (paper §7).
+
+Times torchvision's SSDLite320-MobileNetV3-Large and LR-ASPP-MobileNetV3-Large next to ours with
+the same weights, eager, fused (+ channels_last), ONNX fp32 and int8, at each batch size (see
+:mod:`mnv3det.deploy.benchmark.zoo` for the configurations, :mod:`mnv3det.deploy.benchmark.runner`
+for how they are timed). ``python tools/benchmark.py`` is the same command. Examples::
+
+    mnv3det benchmark --models ssdlite --configs torchvision,eager --rounds 5    # same weights
+    mnv3det benchmark --models lraspp --batch-sizes 1 --seg-size 1024x2048 --random-bn
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mnv3det.deploy.benchmark.report import markdown_table
+from mnv3det.deploy.benchmark.runner import run_benchmark
+from mnv3det.deploy.benchmark.zoo import CONFIGS, MODEL_NAMES
+
+__all__ = ["main"]
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected HxW like 1024x2048, got {text!r}") from err
+    return h, w
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``mnv3det benchmark``: print the markdown speed table."""
+    parser = argparse.ArgumentParser(prog="mnv3det benchmark", description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="ssdlite,lraspp", help="ssdlite,lraspp")
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=",".join(CONFIGS))
+    parser.add_argument("--iters", type=int, default=20, help="timed iterations per config")
+    parser.add_argument("--seg-iters", type=int, default=None, help="iterations for LR-ASPP")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="time the configurations in turn this many times and pool them (drift on a "
+        "shared machine then hits every configuration alike)",
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seg-size", type=_size, default=(1024, 2048))
+    parser.add_argument("--det-size", type=_size, default=(320, 320), help="input image size")
+    parser.add_argument("--calib-images", type=int, default=20, help="int8 calibration images")
+    parser.add_argument("--in-process", action="store_true", help="no subprocess per config")
+    parser.add_argument(
+        "--passive",
+        action="store_true",
+        help="threads sleep instead of spinning while waiting (OMP_WAIT_POLICY=PASSIVE, ORT "
+        "allow_spinning=0): on a shared machine other processes then cannot inflate the "
+        "timings 10-40x through spin-waiting thread pools",
+    )
+    parser.add_argument(
+        "--ssdlite-weights",
+        default=None,
+        help="torchvision ssdlite320_mobilenet_v3_large checkpoint to time instead of random "
+        "weights (a trained model: far fewer NMS candidates)",
+    )
+    parser.add_argument(
+        "--lraspp-weights",
+        default=None,
+        help="torchvision lraspp_mobilenet_v3_large checkpoint instead of random weights",
+    )
+    parser.add_argument(
+        "--random-bn",
+        action="store_true",
+        help="randomise the BatchNorm statistics of the random weights (activations of a "
+        "realistic range instead of near zero)",
+    )
+    parser.add_argument("--output", default=None, help="also write the table to this file")
+    parser.add_argument("--json", default=None, help="also write the raw results as JSON")
+    parser.add_argument("--workdir", default=None, help="keep weights and ONNX files here")
+    args = parser.parse_args(argv)
+    models = [m for m in args.models.split(",") if m]
+    configs = [c for c in args.configs.split(",") if c]
+    for name, values, allowed in (
+        ("--models", models, ("ssdlite", "lraspp")),
+        ("--configs", configs, CONFIGS),
+    ):
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            parser.error(f"{name}: unknown {bad or values}; choose from {', '.join(allowed)}")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    batches = [int(b) for b in args.batch_sizes.split(",") if b]
+    rows = run_benchmark(
+        models,
+        batches,
+        configs,
+        iters=args.iters,
+        warmup=args.warmup,
+        threads=args.threads,
+        seg_size=args.seg_size,
+        det_size=args.det_size,
+        seg_iters=args.seg_iters,
+        calib_images=args.calib_images,
+        subprocesses=not args.in_process,
+        passive=args.passive,
+        workdir=args.workdir,
+        log=lambda s: print(s, file=sys.stderr),
+        rounds=args.rounds,
+        weights={"ssdlite": args.ssdlite_weights, "lraspp": args.lraspp_weights},
+        random_bn=args.random_bn,
+    )
+    parities = {r["model"]: r["parity"] for r in rows if "parity" in r}
+    notes = [
+        f"{MODEL_NAMES[m]}: max |logits difference| ours vs torchvision (same weights) {v:.2e}."
+        for m, v in parities.items()
+    ]
+    table = markdown_table(rows, args.threads, notes)
+    print(table)
+    if args.output:
+        Path(args.output).write_text(table + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1, default=list))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
