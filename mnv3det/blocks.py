@@ -2,7 +2,7 @@
 
 Conv-BN-activation, squeeze-and-excite with a hard-sigmoid gate and the inverted-residual
 "bneck" block. Module and parameter names mirror torchvision's ``mobilenetv3.py`` on purpose,
-so a torchvision state_dict loads into :class:`mnv3det.backbone.MobileNetV3` without any
+so a torchvision state_dict loads into :class:`mnv3det.backbone.MobileNetV3Backbone` without any
 key renaming (``features.N.block.M...``).
 """
 

@@ -30,6 +30,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from mnv3det.cli.export import add_model_arguments
 from mnv3det.deploy.int8 import calibration_images, quantize_onnx
 from mnv3det.deploy.onnx import OnnxDetector, OnnxSegmenter, export_lraspp, export_ssdlite
 from mnv3det.models.from_checkpoint import load_model, save_model
@@ -106,9 +107,9 @@ def int8_accuracy(
         batch_size: batch of the data module (16 detection / 8 segmentation).
         float_prediction_layers: keep SSDLite's prediction convolutions in float.
         log: progress messages.
-        **model_options: ``arch``, ``width_mult``, ``reduced_tail``, ``size`` (SSDLite) ...
-            for :func:`~mnv3det.models.from_checkpoint.load_model` (``None`` = checkpoint's) or
-            the trained model.
+        **model_options: ``arch``, ``num_classes``, ``width_mult``, ``reduced_tail``, ``size``
+            (SSDLite) for :func:`~mnv3det.models.from_checkpoint.load_model` (``None`` = the
+            checkpoint's) or the trained model.
 
     Returns:
         ``{"pytorch" | "onnx_fp32" | "onnx_int8": {"AP", "AP50"} or {"mIoU"}}`` in percent.
@@ -161,7 +162,7 @@ def _untrained_description(kind: str, data: Any, options: dict[str, Any]) -> dic
     """Build settings of the model trained here: the options, else the builders' defaults."""
     described = {
         "arch": options.get("arch", "large"),
-        "num_classes": data.num_classes if kind == "ssdlite" else 19,
+        "num_classes": options.get("num_classes", data.num_classes if kind == "ssdlite" else 19),
         "width_mult": options.get("width_mult", 1.0),
         "reduced_tail": options.get("reduced_tail", kind == "lraspp"),
     }
@@ -176,26 +177,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="mnv3det int8-accuracy",
         description="PyTorch vs ONNX fp32 vs ONNX int8 (AP/AP50 or mIoU) via the tasks' validation",
     )
-    parser.add_argument("--model", choices=("ssdlite", "lraspp"), required=True)
+    add_model_arguments(parser)
     parser.add_argument("--data-root", required=True, help="COCO / Cityscapes layout")
     parser.add_argument("--workdir", required=True, help="where models and ONNX files go")
-    parser.add_argument("--weights", default=None, help="trained checkpoint (else train)")
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--calib-images", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=None, help="data batch (16 / 8)")
-    parser.add_argument(
-        "--arch", choices=("large", "small"), default=None, help="checkpoint's, or large"
-    )
-    parser.add_argument("--width-mult", type=float, default=None, help="checkpoint's, or 1.0")
-    parser.add_argument(
-        "--reduced-tail",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="default: read from --weights, else False for SSDLite, True for LR-ASPP",
-    )
-    parser.add_argument(
-        "--size", type=int, default=None, help="SSDLite input side (checkpoint's, or 320)"
-    )
     parser.add_argument(
         "--float-prediction-layers",
         action=argparse.BooleanOptionalAction,
@@ -216,11 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         calib=args.calib_images,
         batch_size=args.batch_size,
         float_prediction_layers=args.float_prediction_layers,
-        arch=args.arch,
-        width_mult=args.width_mult,
-        reduced_tail=args.reduced_tail,
-        size=args.size if args.model == "ssdlite" else None,
         log=lambda s: print(s, file=sys.stderr),
+        **{k: getattr(args, k) for k in ("arch", "num_classes", "width_mult", "reduced_tail")},
+        size=args.size if args.model == "ssdlite" else None,
     )
     print(json.dumps(results, indent=1))
     if args.json:

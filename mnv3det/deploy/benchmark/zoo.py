@@ -128,6 +128,22 @@ def parity(tv: nn.Module, ours: nn.Module, images: Tensor) -> float:
         return float((ref - ours(images)).abs().max())
 
 
+def _ssdlite_stages(pre: Callable, net: Callable, post: Callable) -> Callable:
+    """``stages(images)`` of our SSDLite: ``pre -> (batch, sizes)``, ``net(batch) -> (outputs,
+    anchors)``, ``post(outputs, anchors, sizes)``, each timed on the previous one's result."""
+
+    def stages(x: Tensor) -> list[tuple[str, Callable]]:
+        batch, original = pre(x)
+        outputs, anchors = net(batch)
+        return [
+            ("pre", lambda: pre(x)),
+            ("network", lambda: net(batch)),
+            ("post", lambda: post(outputs, anchors, original)),
+        ]
+
+    return stages
+
+
 def config_runner(spec: dict) -> tuple[Callable, Callable]:
     """``(end_to_end(images), stages(images) -> [(stage name, thunk), ...])`` of one config.
 
@@ -192,29 +208,11 @@ def config_runner(spec: dict) -> tuple[Callable, Callable]:
 
             return e2e, stages
         if config == "eager":
-
-            def stages(x: Tensor):
-                batch, original, _ = model.preprocess(x)
-                outputs, anchors = model.head_outputs(batch)
-                return [
-                    ("pre", lambda: model.preprocess(x)),
-                    ("network", lambda: model.head_outputs(batch)),
-                    ("post", lambda: model.postprocess(outputs, anchors, original)),
-                ]
-
-            return model, stages
+            return model, _ssdlite_stages(
+                lambda x: model.preprocess(x)[:2], model.head_outputs, model.postprocess
+            )
         fast = FastSSDLite(model, channels_last=config == "fused_cl")
-
-        def stages(x: Tensor):
-            batch, original = fast.preprocess(x)
-            outputs, anchors = fast.network(batch)
-            return [
-                ("pre", lambda: fast.preprocess(x)),
-                ("network", lambda: fast.network(batch)),
-                ("post", lambda: fast.postprocess(outputs, anchors, original)),
-            ]
-
-        return fast, stages
+        return fast, _ssdlite_stages(fast.preprocess, fast.network, fast.postprocess)
 
     # LR-ASPP: [torchvision: normalise] -> logits -> argmax (ours normalises in its network)
     channels_last = config == "fused_cl"
