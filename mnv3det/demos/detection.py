@@ -7,8 +7,11 @@ and backgrounds, overlaps, empty images and crowd regions) and the real pipeline
 :class:`~mnv3det.tasks.detection_data.CocoDataModule` (SSD augmentation with albumentations),
 :class:`~mnv3det.tasks.detection.DetectionTask` (SSDLite of paper §6.3 on MobileNetV3, multibox
 loss, warm-up + cosine SGD) and pycocotools' COCOeval on the validation split. It prints the
-COCO table and writes ``predictions.png`` (validation images with their detections), the COCO
-results JSON, the metrics and ``last.ckpt`` under ``--output-dir``.
+COCO table and the AP of each class, and writes under ``--output-dir`` (through
+:class:`mnv3det.tasks.plots.PlotWriter`, as ``mnv3det validate`` does in a run folder):
+``predictions.png`` (validation images, ground truth beside the detections, with a class legend),
+``PR_curve.png`` (COCOeval's precision-recall curve per class), ``per_class_AP.png`` / ``.csv``
+and ``results.png`` (the training curves); plus the metrics and ``last.ckpt``.
 
 The defaults are tuned for a 2-core CPU (target: AP50 >= 0.5 in under 10 minutes): 480 training
 images of 160x160 at a 160x160 network input, MobileNetV3-Small with the reduced tail (the last
@@ -69,31 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _picture(task, dataset, count: int, class_names: list[str], path: Path) -> None:
-    """A grid of validation images with their detections (score >= 0.4) drawn."""
-    import torch
-    from torchvision.io import write_png
-    from torchvision.utils import make_grid
-
-    from mnv3det.tasks.detection_writer import draw_detections
-
-    count = min(count, len(dataset))
-    images = [dataset[i][0] for i in range(count)]
-    task.eval()
-    with torch.no_grad():
-        detections = task(images)
-    drawn = [
-        draw_detections(img, det, class_names, score_thresh=0.4, width=2)
-        for img, det in zip(images, detections, strict=True)
-    ]
-    side = max(max(d.shape[-2:]) for d in drawn)
-    padded = [
-        torch.nn.functional.pad(d, (0, side - d.shape[-1], 0, side - d.shape[-2]), value=255)
-        for d in drawn
-    ]
-    write_png(make_grid(padded, nrow=4, padding=4, pad_value=255), str(path))
-
-
 def main(argv: list[str]) -> int:
     """Run the demo; returns 0 when AP50 reaches the target, 1 otherwise."""
     args = build_parser().parse_args(argv)
@@ -105,8 +83,10 @@ def main(argv: list[str]) -> int:
     from lightning.pytorch.loggers import CSVLogger
 
     from mnv3det.data.synthetic_coco import generate_shapes_coco
+    from mnv3det.metrics.coco import format_ap_table, per_class_ap
     from mnv3det.tasks.detection import DetectionTask
     from mnv3det.tasks.detection_data import CocoDataModule
+    from mnv3det.tasks.plots import PlotWriter
 
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
@@ -155,6 +135,9 @@ def main(argv: list[str]) -> int:
     checkpoint = ModelCheckpoint(
         dirpath=out / "checkpoints", monitor="val/map", mode="max", save_last=True
     )
+    plots = PlotWriter(
+        dirpath=out, num_images=args.num_pictures, score_thresh=0.4, sheet_name="predictions.png"
+    )
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -162,7 +145,7 @@ def main(argv: list[str]) -> int:
         check_val_every_n_epoch=args.epochs,  # evaluate once, at the end
         num_sanity_val_steps=0,
         logger=CSVLogger(out, name="logs"),
-        callbacks=[checkpoint],
+        callbacks=[checkpoint, plots],
         enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=10,
@@ -181,9 +164,9 @@ def main(argv: list[str]) -> int:
         f"[demo] trained in {t_train:.0f} s; COCO evaluation on {args.num_val} validation images:"
     )
     print(task.last_summary)
-
-    picture = out / "predictions.png"
-    _picture(task, data.val_dataset, args.num_pictures, data.class_names, picture)
+    curves = task.last_curves.get("val")
+    if curves is not None:
+        print(f"[demo] AP per class (%):\n{format_ap_table(per_class_ap(curves))}")
     (out / "metrics.json").write_text(json.dumps(stats, indent=2))
     total = time.perf_counter() - start
     ok = stats["map_50"] >= TARGET_AP50
@@ -192,7 +175,13 @@ def main(argv: list[str]) -> int:
         f"(target AP50 >= {TARGET_AP50}: {'reached' if ok else 'NOT reached'}); "
         f"total time {total:.0f} s"
     )
-    print(
-        f"[demo] wrote {picture}, {out / 'metrics.json'}, {Path(checkpoint.dirpath) / 'last.ckpt'}"
-    )
+    print(f"[demo] wrote {out / 'metrics.json'}, {Path(checkpoint.dirpath) / 'last.ckpt'}")
+    for name, what in (
+        ("predictions.png", "validation images: ground truth | prediction"),
+        ("PR_curve.png", "precision-recall curve per class (IoU 0.5)"),
+        ("per_class_AP.png", "AP per class"),
+        ("results.png", "training curves"),
+    ):
+        if name in plots.written:
+            print(f"[demo] picture: {plots.written[name]} ({what})")
     return 0 if ok else 1

@@ -6,8 +6,11 @@ road, sidewalk, building, vegetation, sky, person, car and void regions) and the
 trains on it: :class:`~mnv3det.tasks.segmentation_data.CityscapesDataModule` (random scale, crop
 padded with 255, flip, jitter), :class:`~mnv3det.tasks.segmentation.SegmentationTask` (LR-ASPP
 head of paper §6.4 on MobileNetV3-Small, poly SGD, cross-entropy ignoring 255) and the
-confusion-matrix mIoU. It prints the per-class IoU table and writes overlays, label-id PNGs and
-a contact sheet (image | ground truth | prediction) under ``--output-dir``.
+confusion-matrix mIoU. It prints the per-class IoU table and writes under ``--output-dir``
+overlays and label-id PNGs (``predictions/``) and, through :class:`mnv3det.tasks.plots.PlotWriter`
+(as ``mnv3det validate`` does in a run folder), ``demo_segmentation.png`` (image | ground truth |
+prediction | overlay, with column titles and a colour legend), ``IoU_per_class.png``,
+``confusion_matrix_normalized.png`` and ``results.png`` (the training curves).
 
 The defaults are tuned for a 2-core CPU: 128x256 images, 96x192 training crops, batch 8, 40
 epochs over 60 images (~300 steps) with lr 0.05 and BatchNorm momentum 0.1 (torchvision's 0.01
@@ -23,9 +26,6 @@ import argparse
 import time
 import warnings
 from pathlib import Path
-
-import numpy as np
-from PIL import Image
 
 TARGET_MIOU = 0.6
 
@@ -59,18 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _contact_sheet(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
-    """Stack ``image | ground truth colours | prediction colours`` rows with white gutters."""
-    gutter = 4
-    lines = []
-    for image, gt, pred in rows:
-        h = image.shape[0]
-        sep = np.full((h, gutter, 3), 255, np.uint8)
-        lines.append(np.concatenate([image, sep, gt, sep, pred], axis=1))
-        lines.append(np.full((gutter, lines[-1].shape[1], 3), 255, np.uint8))
-    return np.concatenate(lines[:-1], axis=0)
-
-
 def main(argv: list[str]) -> int:
     """Run the demo; returns 0 (the mIoU and whether it reached the target are printed)."""
     args = build_parser().parse_args(argv)
@@ -85,12 +73,11 @@ def main(argv: list[str]) -> int:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    from mnv3det.data.cityscapes_labels import ID_TO_TRAINID, colorize
-    from mnv3det.data.image_io import read_label_png
     from mnv3det.data.synthetic_cityscapes import generate_street_scenes
+    from mnv3det.tasks.plots import PlotWriter
     from mnv3det.tasks.segmentation import SegmentationTask
     from mnv3det.tasks.segmentation_data import CityscapesDataModule
-    from mnv3det.tasks.segmentation_writer import SegmentationPredictionWriter, overlay
+    from mnv3det.tasks.segmentation_writer import SegmentationPredictionWriter
 
     warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -133,6 +120,9 @@ def main(argv: list[str]) -> int:
         f"params), {args.epochs} epochs, crops {args.crop_height}x{2 * args.crop_height}, "
         f"batch {args.batch_size}, lr {args.lr}, {args.threads} thread(s)"
     )
+    plots = PlotWriter(
+        dirpath=out, num_images=args.num_pictures, sheet_name="demo_segmentation.png"
+    )
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -140,7 +130,10 @@ def main(argv: list[str]) -> int:
         check_val_every_n_epoch=max(1, args.epochs // 4),
         num_sanity_val_steps=0,
         logger=CSVLogger(out, name="logs"),
-        callbacks=[ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0)],
+        callbacks=[
+            ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0),
+            plots,
+        ],
         log_every_n_steps=10,
         enable_model_summary=False,
     )
@@ -151,23 +144,18 @@ def main(argv: list[str]) -> int:
     results = task.last_results
     miou = float(results["miou"])
 
-    # Pictures: overlays + label-id PNGs through the prediction writer, and a contact sheet.
+    # Overlays + label-id PNGs through the prediction writer (the sheet and charts: PlotWriter).
     writer = SegmentationPredictionWriter(out / "predictions")
     task.eval()
-    rows = []
     val = data.val_dataset
     with torch.no_grad():
         for index in range(min(args.num_pictures, len(val))):
             image, _ = val[index]
-            image_path, label_path = val.files[index]
+            image_path, _ = val.files[index]
             pred = task(image[None]).argmax(1)[0].to(torch.uint8)
             rgb = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
             name = f"{image_path.parent.name}/{image_path.name}"
             writer.write_item({"file_name": name, "pred": pred, "image": rgb})
-            gt = ID_TO_TRAINID[read_label_png(label_path)]
-            rows.append((rgb, colorize(gt), overlay(rgb, colorize(pred.numpy()), 0.6)))
-    sheet = out / "demo_segmentation.png"
-    Image.fromarray(_contact_sheet(rows)).save(sheet)
     total = time.perf_counter() - start
 
     print(f"\n[demo] validation on {len(val)} generated scenes (per-class IoU, %):")
@@ -182,9 +170,17 @@ def main(argv: list[str]) -> int:
         f"{trainer.global_step} steps)"
     )
     print(
-        f"[demo] wrote {sheet} (image | ground truth | prediction), overlays and label-id PNGs "
-        f"under {out / 'predictions'}, last.ckpt under {out / 'checkpoints'}"
+        f"[demo] wrote overlays and label-id PNGs under {out / 'predictions'}, last.ckpt under "
+        f"{out / 'checkpoints'}"
     )
+    for name, what in (
+        ("demo_segmentation.png", "image | ground truth | prediction | overlay"),
+        ("IoU_per_class.png", "IoU per class"),
+        ("confusion_matrix_normalized.png", "confusion matrix, rows = ground truth"),
+        ("results.png", "training curves"),
+    ):
+        if name in plots.written:
+            print(f"[demo] picture: {plots.written[name]} ({what})")
     return 0
 
 

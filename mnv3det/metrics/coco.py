@@ -17,15 +17,22 @@ All 12 ``COCOeval.stats`` are returned by name (:data:`STAT_NAMES`, torchmetrics
 ``mar_small/medium/large``. pycocotools reports -1 where a number is undefined (no ground truth
 of that size). :func:`detections_to_coco_results` is the converter used by the metric and by the
 prediction writer.
+
+Besides the 12 numbers, every evaluation keeps COCOeval's own precision array
+(:class:`CocoCurves`, ``CocoMetric.curves``): the precision-recall curves and the per-class AP
+(:func:`per_class_ap`, computed as pycocotools and detectron2 do) come from it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -33,7 +40,15 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchvision.ops import box_convert
 
-__all__ = ["STAT_NAMES", "CocoMetric", "coco_evaluate", "detections_to_coco_results"]
+__all__ = [
+    "STAT_NAMES",
+    "CocoCurves",
+    "CocoMetric",
+    "coco_evaluate",
+    "detections_to_coco_results",
+    "format_ap_table",
+    "per_class_ap",
+]
 
 STAT_NAMES = (
     "map",
@@ -85,19 +100,84 @@ def detections_to_coco_results(
     return results, dropped
 
 
-def coco_evaluate(
-    coco_gt: COCO, results: list[dict[str, Any]], image_ids: Sequence[int] | None = None
-) -> tuple[dict[str, float], str]:
-    """Run pycocotools' ``COCOeval`` (bbox) on ``results``.
+@dataclass
+class CocoCurves:
+    """COCOeval's accumulated precision, with what its axes mean.
 
-    Args:
-        coco_gt: ground truth (e.g. ``CocoDetection.coco``).
-        results: COCO results list (may be empty: every AP is then 0).
-        image_ids: evaluate only these images (default: every image of ``coco_gt``).
+    Attributes:
+        precision: ``COCOeval.eval["precision"]``, shape ``(T, R, K, A, M)``: IoU thresholds x
+            101 recall thresholds x categories x area ranges (all, small, medium, large) x
+            max-detections settings (1, 10, 100); -1 where a category has no ground truth.
+        iou_thrs: the ``T`` IoU thresholds (0.50, 0.55, ..., 0.95).
+        rec_thrs: the ``R`` recall thresholds (0, 0.01, ..., 1).
+        cat_ids: the ``K`` category ids.
+        cat_names: their names (from the annotation file).
+        num_gt: non-crowd ground-truth boxes of each category in the evaluated images.
+    """
+
+    precision: np.ndarray
+    iou_thrs: np.ndarray
+    rec_thrs: np.ndarray
+    cat_ids: list[int]
+    cat_names: list[str]
+    num_gt: list[int]
+
+
+def per_class_ap(curves: CocoCurves) -> list[dict[str, Any]]:
+    """AP@[.5:.95], AP50 and AP75 of each category, as pycocotools and detectron2 compute them.
+
+    The AP of category ``k`` is the mean of ``precision[:, :, k, 0, -1]`` (every IoU threshold
+    and recall threshold, area "all", 100 detections) over its entries > -1; NaN when the
+    category has no ground truth in the evaluated images.
 
     Returns:
-        ``({name: value for the 12 stats}, the printed summary table)``.
+        One ``{"id", "name", "ap", "ap50", "ap75", "num_gt"}`` per category, in ``cat_ids`` order.
     """
+
+    def mean(values: np.ndarray) -> float:
+        valid = values[values > -1]
+        return float(valid.mean()) if valid.size else math.nan
+
+    def at(iou: float) -> int:
+        return int(np.argmin(np.abs(np.asarray(curves.iou_thrs) - iou)))
+
+    rows = []
+    for k, (cat, name) in enumerate(zip(curves.cat_ids, curves.cat_names, strict=True)):
+        precision = curves.precision[:, :, k, 0, -1]
+        rows.append(
+            {
+                "id": int(cat),
+                "name": str(name),
+                "ap": mean(precision),
+                "ap50": mean(precision[at(0.5)]),
+                "ap75": mean(precision[at(0.75)]),
+                "num_gt": int(curves.num_gt[k]),
+            }
+        )
+    return rows
+
+
+def format_ap_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The rows of :func:`per_class_ap` as a text table (AP in %, ``n/a`` without ground truth)."""
+    width = max([18] + [len(str(r["name"])) + 2 for r in rows])
+    header = f"{'class':<{width}} {'AP':>6} {'AP50':>6} {'AP75':>6} {'GT boxes':>9}"
+    lines = [header, "-" * len(header)]
+
+    def cell(value: float) -> str:
+        return "   n/a" if value != value else f"{100 * value:6.1f}"  # NaN check
+
+    for r in rows:
+        lines.append(
+            f"{r['name']!s:<{width}} {cell(r['ap'])} {cell(r['ap50'])} {cell(r['ap75'])} "
+            f"{r['num_gt']:>9}"
+        )
+    return "\n".join(lines)
+
+
+def _coco_eval(
+    coco_gt: COCO, results: list[dict[str, Any]], image_ids: Sequence[int] | None = None
+) -> tuple[dict[str, float], str, CocoCurves]:
+    """:func:`coco_evaluate` plus COCOeval's precision array (:class:`CocoCurves`)."""
     if image_ids is None:
         image_ids = coco_gt.getImgIds()
     image_ids = sorted({int(i) for i in image_ids})
@@ -127,7 +207,36 @@ def coco_evaluate(
     with contextlib.redirect_stdout(summary):
         evaluator.summarize()
     stats = {name: float(v) for name, v in zip(STAT_NAMES, evaluator.stats, strict=True)}
-    return stats, summary.getvalue()
+    params = evaluator.params
+    cat_ids = [int(c) for c in params.catIds]
+    curves = CocoCurves(
+        precision=np.asarray(evaluator.eval["precision"]),
+        iou_thrs=np.asarray(params.iouThrs),
+        rec_thrs=np.asarray(params.recThrs),
+        cat_ids=cat_ids,
+        cat_names=[str(coco_gt.cats[c].get("name", c)) for c in cat_ids],
+        num_gt=[
+            len(coco_gt.getAnnIds(imgIds=image_ids, catIds=[c], iscrowd=False)) for c in cat_ids
+        ],
+    )
+    return stats, summary.getvalue(), curves
+
+
+def coco_evaluate(
+    coco_gt: COCO, results: list[dict[str, Any]], image_ids: Sequence[int] | None = None
+) -> tuple[dict[str, float], str]:
+    """Run pycocotools' ``COCOeval`` (bbox) on ``results``.
+
+    Args:
+        coco_gt: ground truth (e.g. ``CocoDetection.coco``).
+        results: COCO results list (may be empty: every AP is then 0).
+        image_ids: evaluate only these images (default: every image of ``coco_gt``).
+
+    Returns:
+        ``({name: value for the 12 stats}, the printed summary table)``.
+    """
+    stats, summary, _ = _coco_eval(coco_gt, results, image_ids)
+    return stats, summary
 
 
 class CocoMetric(Metric):
@@ -138,8 +247,9 @@ class CocoMetric(Metric):
         label_to_cat_id: model label -> category id (``CocoDetection.label_to_cat_id``);
             ``None`` when labels are category ids.
 
-    After :meth:`compute`, ``summary`` holds pycocotools' printed table and
-    ``dropped_detections`` the detections whose label had no category.
+    After :meth:`compute`, ``summary`` holds pycocotools' printed table, ``curves`` COCOeval's
+    precision array (:class:`CocoCurves`) and ``dropped_detections`` the detections whose label
+    had no category.
     """
 
     full_state_update = False
@@ -162,6 +272,7 @@ class CocoMetric(Metric):
         self.add_state("det_labels", default=[], dist_reduce_fx="cat")
         self._sequence = 0
         self.summary = ""
+        self.curves: CocoCurves | None = None
         self.dropped_detections = 0
 
     def _rank_and_world(self) -> tuple[int, int]:
@@ -237,7 +348,7 @@ class CocoMetric(Metric):
         results, self.dropped_detections = detections_to_coco_results(
             image_ids, dets, self.label_to_cat_id
         )
-        stats, self.summary = coco_evaluate(self.coco_gt, results, list(first_tag))
+        stats, self.summary, self.curves = _coco_eval(self.coco_gt, results, list(first_tag))
         return stats
 
     def reset(self) -> None:

@@ -31,7 +31,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from mnv3det.metrics.coco import STAT_NAMES, CocoMetric
+from mnv3det.metrics.coco import STAT_NAMES, CocoCurves, CocoMetric
 from mnv3det.models.ssdlite import SSDLite, ssdlite
 from mnv3det.tasks.checkpoints import make_checkpoint_safe
 from mnv3det.tasks.description import datamodule_facts, describe_in_checkpoint
@@ -127,6 +127,9 @@ class DetectionTask(L.LightningModule):
         self.last_results: dict[str, dict[str, float]] = {}
         """Results of the last validation/test per stage (the 12 COCO numbers)."""
         self.last_summary = ""
+        self.last_curves: dict[str, CocoCurves | None] = {}
+        """COCOeval's precision array of the last validation/test per stage (PR curves, AP per
+        class: :class:`mnv3det.tasks.plots.PlotWriter` draws them)."""
         self.data_facts: dict[str, Any] = {}
         """``label_map`` / ``class_names`` read from a loaded checkpoint (see ``on_load_checkpoint``)."""
         """pycocotools' printed table of the last validation/test."""
@@ -248,6 +251,7 @@ class DetectionTask(L.LightningModule):
             return
         stats = metric.compute()  # gathers every rank's detections, then COCOeval
         self.last_summary = metric.summary
+        self.last_curves[stage] = metric.curves
         metric.reset()
         self.last_results[stage] = stats
         for name in STAT_NAMES:

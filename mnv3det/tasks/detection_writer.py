@@ -25,8 +25,9 @@ optional pictures.
        "categories": [{"id": 3, "name": "car"}, ...]}
 
 * with ``draw=True``: ``images/<file name>.png``, each image with its detections above
-  ``draw_score_thresh`` drawn by ``torchvision.utils.draw_bounding_boxes`` (class name and score
-  as the label); the sub-folders of the predicted folder are kept, so equal base names in
+  ``draw_score_thresh`` drawn by :func:`mnv3det.visualize.drawing.draw_detections` (boxes in
+  class colours, ``"class score"`` labels on a filled background, kept inside the image); the
+  sub-folders of the predicted folder are kept, so equal base names in
   different sub-folders do not overwrite each other.
 
 Under DDP every rank's detections are gathered and rank 0 writes the files (images repeated by the
@@ -44,41 +45,23 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torchvision.io import write_png
-from torchvision.utils import draw_bounding_boxes
 
 from mnv3det.metrics.coco import detections_to_coco_results
+from mnv3det.visualize.drawing import draw_detections
 
-__all__ = ["DetectionPredictionWriter", "draw_detections"]
+__all__ = ["DetectionPredictionWriter", "class_names_of"]
 
 
-def draw_detections(
-    image: torch.Tensor,
-    detections: dict[str, torch.Tensor],
-    class_names: Sequence[str] | None = None,
-    score_thresh: float = 0.3,
-    width: int = 2,
-) -> torch.Tensor:
-    """Draw boxes with ``"name score"`` labels on a ``[0, 1]`` float or uint8 ``(3, H, W)`` image.
-
-    Returns:
-        ``(3, H, W)`` uint8 image.
-    """
-    if image.is_floating_point():
-        image = (image.clamp(0, 1) * 255).round().to(torch.uint8)
-    keep = detections["scores"] >= score_thresh
-    boxes = detections["boxes"][keep].detach().cpu()
-    labels = detections["labels"][keep].tolist()
-    scores = detections["scores"][keep].tolist()
-    if len(boxes) == 0:
-        return image.cpu()
-    palette = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-               (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]  # fmt: skip
-    names = [
-        f"{class_names[lab] if class_names and lab < len(class_names) else lab} {s:.2f}"
-        for lab, s in zip(labels, scores, strict=True)
-    ]
-    colors = [palette[lab % len(palette)] for lab in labels]
-    return draw_bounding_boxes(image.cpu(), boxes, labels=names, colors=colors, width=width)
+def class_names_of(trainer: L.Trainer) -> list[str] | None:
+    """The data module's class names, else those stored in the checkpoint being used."""
+    try:
+        names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
+    except (OSError, ValueError):  # no annotation file to read them from
+        names = None
+    if names is None:
+        facts = getattr(trainer.lightning_module, "data_facts", None) or {}
+        names = facts.get("class_names")
+    return list(names) if names is not None else None
 
 
 class DetectionPredictionWriter(BasePredictionWriter):
@@ -128,22 +111,10 @@ class DetectionPredictionWriter(BasePredictionWriter):
             mapping = facts.get("label_map")
         return {int(k): int(v) for k, v in mapping.items()} if mapping is not None else None
 
-    @staticmethod
-    def _class_names(trainer: L.Trainer) -> list[str] | None:
-        """The data module's class names, else the checkpoint's (as for the label map)."""
-        try:
-            names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
-        except (OSError, ValueError):
-            names = None
-        if names is None:
-            facts = getattr(trainer.lightning_module, "data_facts", None) or {}
-            names = facts.get("class_names")
-        return list(names) if names is not None else None
-
     def _categories(self, trainer: L.Trainer) -> list[dict[str, Any]]:
         """``[{"id", "name"}]`` of the data module's categories (empty when it has none)."""
         mapping = self._label_to_cat_id(trainer) or {}
-        names = self._class_names(trainer) or []
+        names = class_names_of(trainer) or []
         return [
             {"id": int(cat), "name": str(names[label]) if label < len(names) else str(cat)}
             for label, cat in sorted(mapping.items(), key=lambda item: item[1])
@@ -190,7 +161,7 @@ class DetectionPredictionWriter(BasePredictionWriter):
                 result["file_name"] = info["file_name"]
             self._results.append((info, results))
         if self.draw:
-            names = self._class_names(trainer)
+            names = class_names_of(trainer)
             for image, pred, info in zip(images, prediction, infos, strict=True):
                 rel = Path(info["file_name"] or str(info["id"]))
                 path = self.output_dir / "images" / rel.parent / f"{rel.stem}.png"

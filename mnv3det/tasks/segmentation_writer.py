@@ -45,15 +45,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
 from mnv3det.data.cityscapes_labels import colorize, train_ids_to_label_ids
-
-
-def overlay(image: np.ndarray, color_mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend a colour mask over an RGB image (both ``uint8 [H, W, 3]``; resized to the mask)."""
-    if image.shape[:2] != color_mask.shape[:2]:
-        size = (color_mask.shape[1], color_mask.shape[0])
-        image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
-    blended = (1 - alpha) * image.astype(np.float32) + alpha * color_mask.astype(np.float32)
-    return blended.round().clip(0, 255).astype(np.uint8)
+from mnv3det.visualize.drawing import overlay
 
 
 class SegmentationPredictionWriter(BasePredictionWriter):
@@ -138,4 +130,4 @@ class SegmentationPredictionWriter(BasePredictionWriter):
             )
 
 
-__all__ = ["SegmentationPredictionWriter", "overlay"]
+__all__ = ["SegmentationPredictionWriter"]
