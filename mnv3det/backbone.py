@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from enum import Enum
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -44,6 +45,7 @@ from mnv3det.blocks import (
     is_batch_norm,
     make_divisible,
 )
+from mnv3det.pretrained import resolve_weights
 
 # (kernel, expanded, out, use_se, activation, stride) per row of the paper's Table 1 / Table 2.
 LARGE_ROWS: tuple[tuple[int, int, int, bool, str, int], ...] = (
@@ -385,7 +387,7 @@ def mobilenet_v3(
     reduced_tail: bool = False,
     dilated: bool = False,
     taps: Sequence[str | int] | None = None,
-    weights: str | Path | Mapping[str, Tensor] | None = None,
+    weights: str | Path | Mapping[str, Tensor] | Enum | None = None,
     *,
     norm_layer: NormLayer | None = None,
     frozen_stages: int = 0,
@@ -403,7 +405,11 @@ def mobilenet_v3(
             ``stage{k}_expand``, ``last_conv``, ``block{i}``), or an int ``i`` for ``block{i}``;
             default ``("stage1", "stage2", "stage3", "stage4", "last_conv")``.
         weights: a torchvision or timm MobileNetV3 checkpoint (path to ``.pth``/``.pt``/
-            ``.safetensors``) or an in-memory state_dict. See :mod:`mnv3det.weights`.
+            ``.safetensors``) or an in-memory state_dict (see :mod:`mnv3det.weights`), or a
+            name, downloaded once (see :mod:`mnv3det.pretrained`): ``"DEFAULT"``,
+            ``"IMAGENET1K_V1"``, ``"IMAGENET1K_V2"`` (Large), torchvision's
+            ``MobileNet_V3_{Large,Small}_Weights`` member or its string, or timm's
+            ``"hf-hub:timm/mobilenetv3_large_100.ra_in1k"``.
         norm_layer: callable ``channels -> module`` replacing BatchNorm (e.g.
             ``partial(nn.GroupNorm, 8)`` or ``nn.SyncBatchNorm``). Default: BatchNorm2d with
             torchvision's eps 0.001 and momentum 0.01.
@@ -427,7 +433,7 @@ def mobilenet_v3(
         reduced_tail=reduced_tail,
         dilated=dilated,
         taps=taps,
-        weights=weights,
+        weights=resolve_weights(weights, "mobilenet_v3", arch),
         norm_layer=norm_layer,
         frozen_stages=frozen_stages,
         norm_eval=norm_eval,

@@ -48,6 +48,7 @@ import dataclasses
 import re
 import warnings
 from collections.abc import Mapping, Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ from torch import Tensor, nn
 from heads.lraspp import PAPER_POOL_KERNEL, PAPER_POOL_STRIDE, LRASPPHead
 from mnv3det.backbone import MobileNetV3Backbone, block_stages, block_tap, mobilenet_v3, tap_info
 from mnv3det.models.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
+from mnv3det.pretrained import resolve_weights
 from mnv3det.weights import (
     DESCRIPTION_VERSION,
     Checkpoint,
@@ -319,8 +321,8 @@ def lraspp(
     reduced_tail: bool | None = None,
     dilated: bool | None = None,
     pooling: str | None = None,
-    weights: str | Path | Mapping[str, Tensor] | Checkpoint | None = None,
-    weights_backbone: str | Path | Mapping[str, Tensor] | None = None,
+    weights: str | Path | Mapping[str, Tensor] | Checkpoint | Enum | None = None,
+    weights_backbone: str | Path | Mapping[str, Tensor] | Enum | None = None,
     *,
     low_tap: str | None = None,
     inter_channels: int | None = None,
@@ -352,9 +354,14 @@ def lraspp(
             stride (16, 20), clamped to the map size; see :mod:`heads.lraspp`).
         weights: torchvision ``lraspp_mobilenet_v3_large`` checkpoint or an mnv3det LR-ASPP
             checkpoint / Lightning checkpoint (path, state_dict or a read
-            :class:`~mnv3det.weights.Checkpoint`).
+            :class:`~mnv3det.weights.Checkpoint`), or a name, downloaded once (see
+            :mod:`mnv3det.pretrained`): ``"DEFAULT"``, ``"COCO_WITH_VOC_LABELS_V1"``,
+            ``LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1`` or its string (Large
+            only; 21 classes, the full tail and the dilation are read from the file).
         weights_backbone: an ImageNet MobileNetV3 checkpoint (torchvision/timm) for the backbone
-            only (ignored when ``weights`` is given).
+            only (ignored when ``weights`` is given), or one of :func:`mnv3det.mobilenet_v3`'s
+            weight names (``"IMAGENET1K_V1"``, ``"hf-hub:timm/..."``; these have the full tail:
+            pass ``reduced_tail=False``).
         low_tap: ``"stage3"`` (last stride-8 block), ``"stage3_first"`` (first stride-8 block,
             torchvision's choice), another stride-8 backbone tap (``"block5"``,
             ``"stage4_expand"``) or ``None`` (automatic, see the module docstring).
@@ -378,6 +385,7 @@ def lraspp(
         CheckpointMismatchError: the tensors do not fit (names the keys).
     """
     explicit = {k: v for k, v in locals().items() if k in LRASPP_DEFAULTS}
+    weights = resolve_weights(weights, "lraspp", arch)
     ckpt = read_checkpoint(weights) if weights is not None else None
     state, fmt, inferred = None, "", {}
     if ckpt is not None:

@@ -42,6 +42,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Mapping, Sequence
+from enum import Enum
 from functools import partial
 from pathlib import Path
 
@@ -61,6 +62,7 @@ from heads.ssdlite import (
 from heads.ssdlite_postprocess import dense_postprocess, dense_to_list
 from mnv3det.backbone import MobileNetV3Backbone, mobilenet_v3
 from mnv3det.models.normalize import SSDLITE_MEAN, SSDLITE_STD, Normalize
+from mnv3det.pretrained import resolve_weights
 from mnv3det.weights import (
     DESCRIPTION_VERSION,
     Checkpoint,
@@ -527,8 +529,8 @@ def ssdlite(
     size: int | tuple[int, int] | None = None,
     width_mult: float | None = None,
     reduced_tail: bool | None = None,
-    weights: str | Path | Mapping[str, Tensor] | Checkpoint | None = None,
-    weights_backbone: str | Path | Mapping[str, Tensor] | None = None,
+    weights: str | Path | Mapping[str, Tensor] | Checkpoint | Enum | None = None,
+    weights_backbone: str | Path | Mapping[str, Tensor] | Enum | None = None,
     score_thresh: float | None = None,
     nms_thresh: float | None = None,
     detections_per_img: int | None = None,
@@ -562,9 +564,13 @@ def ssdlite(
             (torchvision's builder does the same).
         weights: whole-detector checkpoint: torchvision's ``ssdlite320_mobilenet_v3_large`` file
             or state_dict, one of ours, a DetectionTask ``.ckpt`` or a read
-            :class:`~mnv3det.weights.Checkpoint`.
+            :class:`~mnv3det.weights.Checkpoint`; or a name, downloaded once (see
+            :mod:`mnv3det.pretrained`): ``"DEFAULT"``, ``"COCO_V1"``,
+            ``SSDLite320_MobileNet_V3_Large_Weights.COCO_V1`` or its string (Large only; 91
+            classes and the reduced tail are read from the file).
         weights_backbone: MobileNetV3 ImageNet checkpoint for the backbone (torchvision or timm;
-            see :mod:`mnv3det.weights`). Ignored keys (classifier) are reported.
+            see :mod:`mnv3det.weights`), or one of :func:`mnv3det.mobilenet_v3`'s weight names
+            (``"IMAGENET1K_V1"``, ``"hf-hub:timm/..."``). Ignored keys (classifier) are reported.
         score_thresh: minimum score (default 0.001, torchvision's).
         nms_thresh: NMS IoU (default 0.55).
         detections_per_img: detections per image (default 300).
@@ -586,6 +592,7 @@ def ssdlite(
         CheckpointMismatchError: the tensors do not fit the model (keys and shapes named).
     """
     explicit = {k: v for k, v in locals().items() if k in SSDLITE_DEFAULTS}
+    weights = resolve_weights(weights, "ssdlite", arch)
     ckpt = read_checkpoint(weights) if weights is not None else None
     state, inferred = None, {}
     if ckpt is not None:
