@@ -43,8 +43,9 @@ class LastCheckpoint(ModelCheckpoint):
 
     Lightning's ``ModelCheckpoint(monitor=..., save_last=True)`` rewrites ``last.ckpt`` only when
     it saves a top-k checkpoint, so a run killed late resumes from its best epoch. This callback
-    writes ``last.ckpt`` at the end of every training epoch (after that epoch's validation) and,
-    when asked, every ``every_n_train_steps`` optimiser steps, independently of any best-model
+    writes ``last.ckpt`` at the end of every training epoch (after its last batch, and again
+    after the epoch-end validation when there is one) and, when asked, every
+    ``every_n_train_steps`` optimiser steps, independently of any best-model
     callback. Files are written atomically by Lightning (a kill while saving leaves the previous
     ``last.ckpt`` intact).
 
@@ -69,6 +70,7 @@ class LastCheckpoint(ModelCheckpoint):
             enable_version_counter=False,
         )
         self.every_n_steps = every_n_train_steps
+        self._validated_at_step: int | None = None
 
     @property
     def state_key(self) -> str:
@@ -94,16 +96,30 @@ class LastCheckpoint(ModelCheckpoint):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if not self.every_n_steps or self._skip(trainer):
+        if self._skip(trainer):
+            return
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            # The epoch's last batch is always saved here: Lightning resumes a checkpoint taken
+            # at on_train_epoch_end correctly only when validation ran at that epoch end (else
+            # it trains one batch too many), and one taken here correctly in every case.
+            self._save_last(trainer)
+            return
+        if not self.every_n_steps:
             return
         stepped = (batch_idx + 1) % max(1, trainer.accumulate_grad_batches) == 0
-        last_batch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-        if stepped and not last_batch and trainer.global_step % self.every_n_steps == 0:
-            self._save_last(trainer)  # the epoch-end save covers the last batch
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not (trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != "fit"):
+        if stepped and trainer.global_step % self.every_n_steps == 0:
             self._save_last(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Nothing: ``last.ckpt`` is written at epoch end, after validation."""
+        """Remember the step of the last validation (``last.ckpt`` is written at epoch end)."""
+        if not trainer.sanity_checking:
+            self._validated_at_step = trainer.global_step
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        step = trainer.global_step
+        if self._last_global_step_saved != step or self._validated_at_step == step:
+            # after this epoch's validation (its results and the best-model state are in the
+            # checkpoint too), or the run stopped mid-epoch (max_steps)
+            self._save_last(trainer)
