@@ -117,8 +117,9 @@ def plot_per_class_ap(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Pa
         ap = [100 * r["ap"] for r in rows]
         axes.barh(y + 0.2, ap50, height=0.4, color="#9ecae1", label="AP50")
         axes.barh(y - 0.2, ap, height=0.4, color="#08519c", label="AP@[.5:.95]")
-        for yi, value in zip(y, ap, strict=True):
+        for yi, value, value50 in zip(y, ap, ap50, strict=True):
             axes.text(value + 0.8, yi - 0.2, f"{value:.1f}", va="center", fontsize=8)
+            axes.text(value50 + 0.8, yi + 0.2, f"{value50:.1f}", va="center", fontsize=8)
         labels = [f"{r['name']} ({r['num_gt']})" for r in rows]
         axes.set_yticks(y, labels, fontsize=9)
         axes.invert_yaxis()
@@ -269,6 +270,7 @@ def plot_results(metrics_csv: str | Path, path: str | Path, max_panels: int = 16
     ncols = min(4, max(1, len(names)))
     nrows = max(1, math.ceil(len(names) / ncols))
     figure = _figure(3.6 * ncols, 2.8 * nrows)
+    last = max([1.0] + [float(columns[n][0].max()) for n in names])
     for i, name in enumerate(names):
         axes = figure.add_subplot(nrows, ncols, i + 1)
         steps, values = columns[name]
@@ -278,6 +280,7 @@ def plot_results(metrics_csv: str | Path, path: str | Path, max_panels: int = 16
             axes.legend(fontsize=7)
         else:
             axes.plot(steps, values, marker="o", markersize=4, color="#1f77b4")
+        axes.set_xlim(-0.02 * last, 1.02 * last)  # every panel spans the whole run
         axes.set_title(name, fontsize=10)
         axes.set_xlabel("step", fontsize=8)
         axes.tick_params(labelsize=8)

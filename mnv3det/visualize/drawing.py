@@ -213,6 +213,16 @@ def draw_boxes(
     return picture
 
 
+def _note(picture: Image.Image, text: str) -> None:
+    """Write ``text`` in the top-left corner of ``picture`` (in place), white on dark grey."""
+    font = get_font(max(12, min(22, round(min(picture.size) / 24))))
+    w, h = _text_size(text, font)
+    draw = ImageDraw.Draw(picture)
+    draw.rectangle((0, 0, w + 8, h + 8), fill=(60, 60, 60))
+    left, top, _, _ = font.getbbox(text)
+    draw.text((4 - min(left, 0), 4 - min(top, 0)), text, fill=WHITE, font=font)
+
+
 def draw_detections(
     image: torch.Tensor,
     detections: Mapping[str, torch.Tensor],
@@ -398,6 +408,10 @@ def detection_sheet(
         pred = draw_boxes(
             image, dets["boxes"], det_labels, scores, class_names, score_thresh, min_side
         )
+        if len(gt_labels) == 0:
+            _note(gt, "no objects")
+        if not bool((scores >= score_thresh).any()):
+            _note(pred, "no detections")
         cells.append((gt, pred))
     per_row = max(1, min(pairs_per_row, len(cells)))
     rows = [
