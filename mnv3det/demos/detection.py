@@ -176,12 +176,12 @@ def main(argv: list[str]) -> int:
         f"total time {total:.0f} s"
     )
     print(f"[demo] wrote {out / 'metrics.json'}, {Path(checkpoint.dirpath) / 'last.ckpt'}")
-    for name, what in (
-        ("predictions.png", "validation images: ground truth | prediction"),
-        ("PR_curve.png", "precision-recall curve per class (IoU 0.5)"),
-        ("per_class_AP.png", "AP per class"),
-        ("results.png", "training curves"),
-    ):
-        if name in plots.written:
-            print(f"[demo] picture: {plots.written[name]} ({what})")
+    plots.print_written(
+        {
+            "predictions.png": "validation images: ground truth | prediction",
+            "PR_curve.png": "precision-recall curve per class (IoU 0.5)",
+            "per_class_AP.png": "AP per class",
+            "results.png": "training curves",
+        }
+    )
     return 0 if ok else 1

@@ -173,14 +173,14 @@ def main(argv: list[str]) -> int:
         f"[demo] wrote overlays and label-id PNGs under {out / 'predictions'}, last.ckpt under "
         f"{out / 'checkpoints'}"
     )
-    for name, what in (
-        ("demo_segmentation.png", "image | ground truth | prediction | overlay"),
-        ("IoU_per_class.png", "IoU per class"),
-        ("confusion_matrix_normalized.png", "confusion matrix, rows = ground truth"),
-        ("results.png", "training curves"),
-    ):
-        if name in plots.written:
-            print(f"[demo] picture: {plots.written[name]} ({what})")
+    plots.print_written(
+        {
+            "demo_segmentation.png": "image | ground truth | prediction | overlay",
+            "IoU_per_class.png": "IoU per class",
+            "confusion_matrix_normalized.png": "confusion matrix, rows = ground truth",
+            "results.png": "training curves",
+        }
+    )
     return 0
 
 

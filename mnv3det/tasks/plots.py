@@ -135,16 +135,7 @@ class PlotWriter(Callback):
     ) -> None:
         self._collect(trainer, batch, dataloader_idx)
 
-    def on_test_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._collect(trainer, batch, dataloader_idx)
+    on_test_batch_end = on_validation_batch_end
 
     # ----------------------------------------------------------------- writing
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -167,6 +158,12 @@ class PlotWriter(Callback):
         if self.curves:
             self._results(trainer)
         self._report(list(self.written.values()))
+
+    def print_written(self, captions: dict[str, str], prefix: str = "[demo] picture:") -> None:
+        """Print the path of each written file named in ``captions``, with its caption."""
+        for name, caption in captions.items():
+            if name in self.written:
+                print(f"{prefix} {self.written[name]} ({caption})")
 
     def _report(self, paths: Sequence[Path]) -> None:
         if paths:
