@@ -98,6 +98,8 @@ def test_detection_sheet_puts_ground_truth_beside_prediction() -> None:
     # two pairs per row, each picture enlarged to 200 px: 4 columns wide, 2 rows high + titles
     assert sheet.width >= 4 * 200 and sheet.height > 2 * 200
     assert sheet.width > 2 * image.shape[-1]
+    large = torch.rand(3, 1000, 2000)  # large images are shrunk: long side 640
+    assert detection_sheet([(large, target, dets)], ["bg", "circle", "square"]).width < 2 * 660
 
 
 def test_legend_survives_long_class_names() -> None:
@@ -113,10 +115,15 @@ def test_segmentation_sheet_has_four_columns_and_draws_ground_truth_like_predict
     gt = mask.copy()
     gt[:4] = 255  # ignored rows
     palette = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)
-    sheet = segmentation_sheet(
-        [(image, gt, mask)], ["road", "grass", "sky"], palette, min_height=64
-    )
+    sheet = segmentation_sheet([(image, gt, mask)], ["road", "grass", "sky"], palette, min_side=64)
     assert sheet.width >= 4 * 128
+    big = np.zeros((1024, 2048), np.int64)  # a Cityscapes frame is shrunk to 512 px wide
+    assert (
+        segmentation_sheet(
+            [(np.zeros((1024, 2048, 3), np.uint8), big, big)], ["road"], palette
+        ).width
+        < 4 * 530
+    )
     array = np.asarray(sheet)
     # ground truth (column 2) and prediction (column 3) use the same, unblended colours
     assert (array == [0, 0, 255]).all(axis=2).sum() >= 2 * 64 * 56

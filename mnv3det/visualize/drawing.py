@@ -5,7 +5,7 @@ with PIL: ``"class score"`` in a readable font on a filled background of the box
 white text, whichever contrasts), above the box when there is room, else inside it, always kept
 inside the image; labels that would cover an earlier (higher-scoring) label move to the next free
 spot. Small images are enlarged first (``min_side``) so that a 160-px validation image still gets
-readable text.
+readable text; on sheets, large ones are shrunk (``max_side``) so that a sheet stays a few MB.
 
 Sheets put several pictures on one canvas with column titles and a colour legend:
 
@@ -109,12 +109,16 @@ def to_pil(image: torch.Tensor | np.ndarray | Image.Image) -> Image.Image:
     return Image.fromarray(array).convert("RGB")
 
 
-def _enlarge(image: Image.Image, min_side: int, resample: int) -> tuple[Image.Image, float]:
-    """``image`` scaled up so that its short side is at least ``min_side`` (never down)."""
-    short = min(image.size)
-    if min_side <= 0 or short >= min_side:
+def _resize(
+    image: Image.Image, min_side: int, resample: int, max_side: int = 0
+) -> tuple[Image.Image, float]:
+    """``image`` scaled so that its short side is at least ``min_side`` and its long side at
+    most ``max_side`` (the limit wins; 0 = none); returns the picture and the scale factor."""
+    factor = max(1.0, min_side / min(image.size)) if min_side > 0 else 1.0
+    if max_side > 0:
+        factor = min(factor, max_side / max(image.size))
+    if factor == 1.0:
         return image, 1.0
-    factor = min_side / short
     size = (round(image.width * factor), round(image.height * factor))
     return image.resize(size, resample), factor
 
@@ -154,6 +158,7 @@ def draw_boxes(
     min_side: int = 0,
     width: int | None = None,
     font_size: int | None = None,
+    max_side: int = 0,
 ) -> Image.Image:
     """Draw boxes in their class colour, each with a ``"class score"`` label on a filled background.
 
@@ -167,11 +172,12 @@ def draw_boxes(
         min_side: enlarge the image first so that its short side is at least this (boxes follow).
         width: line width (default: grows with the image, at least 2).
         font_size: label text height (default: grows with the image, 12 to 22 pixels).
+        max_side: shrink the image first so that its long side is at most this (0: never).
 
     Returns:
-        The RGB picture (enlarged when ``min_side`` asked for it).
+        The RGB picture (resized when ``min_side`` / ``max_side`` asked for it).
     """
-    picture, factor = _enlarge(to_pil(image), min_side, Image.BICUBIC)
+    picture, factor = _resize(to_pil(image), min_side, Image.BICUBIC, max_side)
     boxes_t = torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4) * factor
     labels_l = [int(v) for v in torch.as_tensor(labels).reshape(-1).tolist()]
     scores_l = None if scores is None else [float(v) for v in torch.as_tensor(scores).reshape(-1)]
@@ -380,6 +386,7 @@ def detection_sheet(
     pairs_per_row: int = 2,
     min_side: int = 320,
     title: str | None = None,
+    max_side: int = 640,
 ) -> Image.Image:
     """Ground truth beside prediction for each image, with column titles and a class legend.
 
@@ -390,6 +397,7 @@ def detection_sheet(
         score_thresh: detections scoring less are not drawn (the legend says so).
         pairs_per_row: ``ground truth | prediction`` pairs side by side in a row.
         min_side: small images are enlarged to this short side, for readable labels.
+        max_side: large images are shrunk to this long side (keeps the sheet's size sane).
         title: a line above the sheet (default names the score threshold).
 
     Returns:
@@ -404,9 +412,10 @@ def detection_sheet(
         gt_labels = torch.as_tensor(target["labels"]).reshape(-1)
         shown.update(gt_labels.tolist())
         shown.update(det_labels[scores >= score_thresh].tolist())
-        gt = draw_boxes(image, target["boxes"], gt_labels, None, class_names, min_side=min_side)
+        sizes = {"min_side": min_side, "max_side": max_side}
+        gt = draw_boxes(image, target["boxes"], gt_labels, None, class_names, **sizes)
         pred = draw_boxes(
-            image, dets["boxes"], det_labels, scores, class_names, score_thresh, min_side
+            image, dets["boxes"], det_labels, scores, class_names, score_thresh, **sizes
         )
         if len(gt_labels) == 0:
             _note(gt, "no objects")
@@ -439,8 +448,9 @@ def segmentation_sheet(
     palette: np.ndarray | Sequence[Color],
     ignore_index: int = 255,
     alpha: float = 0.6,
-    min_height: int = 192,
+    min_side: int = 192,
     title: str | None = None,
+    max_side: int = 512,
 ) -> Image.Image:
     """``image | ground truth | prediction | overlay`` rows with column titles and a legend.
 
@@ -454,7 +464,8 @@ def segmentation_sheet(
         palette: colour of each class, ``(C, 3)``.
         ignore_index: the unlabelled value (legend entry "ignored" when present).
         alpha: overlay opacity of the prediction colours.
-        min_height: small images are enlarged to this height (nearest neighbour for masks).
+        min_side: small images are enlarged to this short side (nearest neighbour for masks).
+        max_side: large images are shrunk to this long side (a 2048-px Cityscapes frame: 512).
         title: a line above the sheet.
     """
     if not samples:
@@ -477,7 +488,7 @@ def segmentation_sheet(
         row = []
         for k, pic in enumerate(pictures):
             resample = Image.BICUBIC if k in (0, 3) else Image.NEAREST
-            row.append(_enlarge(Image.fromarray(pic), min_height, resample)[0])
+            row.append(_resize(Image.fromarray(pic), min_side, resample, max_side)[0])
         rows.append(row)
     entries = [
         (class_names[k] if k < len(class_names) else str(k), tuple(palette[k].tolist()))
