@@ -218,6 +218,9 @@ def test_plot_writer_after_a_tiny_detection_validation(tmp_path, capsys) -> None
     assert sheet.width >= 4 * 320  # two ground truth | prediction pairs, enlarged to 320 px
     text = capsys.readouterr().out
     assert "AP per class" in text and "[plots]" in text
+    _trainer(tmp_path, [writer]).test(task, data, verbose=False)
+    assert (tmp_path / "plots" / "test_PR_curve.png").is_file()
+    assert (tmp_path / "plots" / "test_predictions.png").is_file()
 
 
 def test_plot_writer_after_segmentation_fit(tmp_path) -> None:

@@ -16,7 +16,7 @@ Ultralytics users look for them:
 * ``results.png``: the curves of the run's ``metrics.csv`` (Lightning's CSV logger), rewritten
   after each validation and at the end of ``fit``.
 
-``mnv3det test`` writes the same charts with a ``test_`` prefix. Only rank 0 writes; the charts
+``mnv3det test`` writes the same charts with a ``test_`` prefix (``test_predictions.png``). Only rank 0 writes; the charts
 cover every rank's data (the metrics are gathered first), the picture sheet rank 0's images. A
 chart that cannot be drawn is reported as a warning: it never stops a training run.
 """
@@ -204,13 +204,9 @@ class PlotWriter(Callback):
                 prefix,
             )
         if self.draw and self._images:
-            written += self._safely(
-                "the prediction sheet",
-                self._sheet,
-                trainer,
-                pl_module,
-                folder / f"{prefix}{self.sheet_name}",
-            )
+            name = self.sheet_name if not prefix else prefix + self.sheet_name.removeprefix("val_")
+            sheet = folder / name
+            written += self._safely("the prediction sheet", self._sheet, trainer, pl_module, sheet)
         self._images, self._targets = [], []
         return written
 

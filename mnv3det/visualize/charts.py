@@ -96,7 +96,8 @@ def plot_pr_curves(curves: CocoCurves, path: str | Path, iou: float = 0.5) -> Pa
             linewidth=3,
             label=f"all classes {np.mean([a for *_, a in present]):.3f} mAP@{iou:.2f}",
         )
-        axes.legend(loc="lower left", fontsize=9, title="class AP")
+        title = f"AP50 ({len(present)} classes in grey)" if many else "AP50 per class"
+        axes.legend(loc="lower left", fontsize=9, title=title)
     else:
         axes.text(0.5, 0.5, "no ground truth", ha="center", va="center")
     axes.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="Recall", ylabel="Precision")
@@ -125,7 +126,8 @@ def plot_per_class_ap(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Pa
         axes.invert_yaxis()
         mean = np.mean(ap)
         axes.axvline(mean, color="black", linestyle="--", linewidth=1)
-        axes.legend(loc="lower right", fontsize=9, title=f"mAP {mean:.1f}")
+        axes.plot([], [], "k--", linewidth=1, label=f"mAP {mean:.1f}")
+        figure.legend(loc="outside lower center", ncol=3, fontsize=9)  # never over a bar
     axes.set(xlim=(0, 105), xlabel="AP (%)")
     axes.set_title("COCO AP per class (ground-truth boxes in brackets)")
     axes.grid(axis="x", alpha=0.3)
@@ -147,7 +149,7 @@ def plot_iou(iou: Sequence[float], class_names: Sequence[str], path: str | Path)
         axes.invert_yaxis()
         miou = float(np.mean(values))
         axes.axvline(miou, color="black", linestyle="--", linewidth=1, label=f"mIoU {miou:.1f}")
-        axes.legend(loc="lower right", fontsize=9)
+        figure.legend(loc="outside lower center", fontsize=9)  # never over a bar
     axes.set(xlim=(0, 105), xlabel="IoU (%)")
     axes.set_title(f"IoU per class ({len(pairs)} classes present)")
     axes.grid(axis="x", alpha=0.3)
