@@ -34,6 +34,7 @@ from mnv3det.data.coco import (
     load_annotation_file,
 )
 from mnv3det.data.detection_transforms import eval_transforms, train_transforms
+from mnv3det.data.loader_defaults import resolve_num_workers, resolve_pin_memory
 from mnv3det.data.problems import write_problems
 from mnv3det.data.sampling import ResumableTrainData, default_seed
 from mnv3det.data.seeding import seed_worker_transforms
@@ -126,7 +127,8 @@ class CocoDataModule(ResumableTrainData, L.LightningDataModule):
             the task at setup (``DetectionTask.input_size``), so it is written once; 320 when
             the data module is used without a model.
         batch_size: images per batch per device (torchvision's recipe: 24 per GPU).
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes (``None``: one per available CPU core, at
+            most 8).
         label_map: ``"contiguous"`` (labels 1..K) or ``"torchvision91"`` (label == COCO category
             id, 91 classes: torchvision's checkpoints); see :mod:`mnv3det.data.coco`.
         train_split: training split / image folder name.
@@ -144,7 +146,7 @@ class CocoDataModule(ResumableTrainData, L.LightningDataModule):
             summarised at the end of the run (see :mod:`mnv3det.data.coco`).
         augment: use the SSD augmentation for training (``False``: training images are used as
             they are, like validation ones).
-        pin_memory: DataLoader ``pin_memory``.
+        pin_memory: DataLoader ``pin_memory`` (``None``: only when CUDA is available).
         zoom_out_max_scale: largest zoom-out canvas ratio of the augmentation (SSD: 4).
         photometric: use the photometric distortion in the augmentation.
         seed: seed of the training order and augmentation (``None``: drawn from torch's
@@ -159,7 +161,7 @@ class CocoDataModule(ResumableTrainData, L.LightningDataModule):
         root: str | Path,
         size: int | tuple[int, int] | None = None,
         batch_size: int = 24,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         label_map: str = "contiguous",
         train_split: str = "train2017",
         val_split: str = "val2017",
@@ -168,7 +170,7 @@ class CocoDataModule(ResumableTrainData, L.LightningDataModule):
         empty_images: str = "keep",
         on_error: str = "raise",
         augment: bool = True,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         zoom_out_max_scale: float = 4.0,
         photometric: bool = True,
         seed: int | None = None,
@@ -188,7 +190,7 @@ class CocoDataModule(ResumableTrainData, L.LightningDataModule):
         self.root = Path(root)
         self.size = size
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        self.num_workers = resolve_num_workers(num_workers)
         self.label_map = label_map
         self.train_split = train_split
         self.val_split = val_split
@@ -197,7 +199,7 @@ class CocoDataModule(ResumableTrainData, L.LightningDataModule):
         self.empty_images = empty_images
         self.on_error = on_error
         self.augment = augment
-        self.pin_memory = pin_memory
+        self.pin_memory = resolve_pin_memory(pin_memory)
         self.zoom_out_max_scale = zoom_out_max_scale
         self.photometric = photometric
         self.seed = seed

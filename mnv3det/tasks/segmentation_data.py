@@ -26,6 +26,7 @@ from mnv3det.data.cityscapes import (
     collate_segmentation,
 )
 from mnv3det.data.cityscapes_labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, PALETTE
+from mnv3det.data.loader_defaults import resolve_num_workers, resolve_pin_memory
 from mnv3det.data.sampling import ResumableTrainData
 from mnv3det.data.seeding import seed_worker_transforms
 from mnv3det.data.segmentation_transforms import eval_transforms, train_transforms
@@ -46,7 +47,7 @@ class CityscapesDataModule(ResumableTrainData, L.LightningDataModule):
         crop_size: ``(height, width)`` training crop; 512x1024 as in mmsegmentation's LR-ASPP.
         scale_range: random rescale range before cropping (0.5-2.0 in the published recipes).
         batch_size: training batch size (per device).
-        num_workers: DataLoader workers.
+        num_workers: DataLoader workers (``None``: one per available CPU core, at most 8).
         train_split: split folder for training.
         val_split: split folder for validation.
         test_split: split folder for ``test`` (``None``: ``mnv3det test`` is refused with a
@@ -56,7 +57,8 @@ class CityscapesDataModule(ResumableTrainData, L.LightningDataModule):
         predict_dir: folder of images for ``predict`` (searched recursively).
         label_type: ``"auto"`` (prefer ``*_labelTrainIds.png``), ``"labelIds"`` or
             ``"labelTrainIds"``.
-        pin_memory: pin host memory for faster transfer to a GPU.
+        pin_memory: pin host memory for faster transfer to a GPU (``None``: only when CUDA
+            is available).
         val_batch_size: validation/test/predict batch size (default: ``batch_size``).
         hflip_p: horizontal flip probability in training.
         color_jitter: photometric jitter strength in training (0 disables it).
@@ -77,14 +79,14 @@ class CityscapesDataModule(ResumableTrainData, L.LightningDataModule):
         crop_size: tuple[int, int] = (512, 1024),
         scale_range: tuple[float, float] = (0.5, 2.0),
         batch_size: int = 8,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         train_split: str = "train",
         val_split: str = "val",
         test_split: str | None = None,
         val_resize: tuple[int, int] | None = None,
         predict_dir: str | Path | None = None,
         label_type: Literal["auto", "labelIds", "labelTrainIds"] = "auto",
-        pin_memory: bool = True,
+        pin_memory: bool | None = None,
         val_batch_size: int | None = None,
         hflip_p: float = 0.5,
         color_jitter: float = 0.3,
@@ -98,22 +100,20 @@ class CityscapesDataModule(ResumableTrainData, L.LightningDataModule):
             raise ValueError(
                 f"batch_size and val_batch_size must be >= 1, got {batch_size}, {val_batch_size}"
             )
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.save_hyperparameters()
         self.root = Path(root)
         self.crop_size = tuple(crop_size)
         self.scale_range = tuple(scale_range)
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
-        self.num_workers = num_workers
+        self.num_workers = resolve_num_workers(num_workers)
         self.train_split = train_split
         self.val_split = val_split
         self.test_split = test_split
         self.val_resize = None if val_resize is None else tuple(val_resize)
         self.predict_dir = None if predict_dir is None else Path(predict_dir)
         self.label_type = label_type
-        self.pin_memory = pin_memory
+        self.pin_memory = resolve_pin_memory(pin_memory)
         self.hflip_p = hflip_p
         self.color_jitter = color_jitter
         self.seed = seed
