@@ -135,3 +135,16 @@ def test_help_lists_the_config_classes_options_and_short_class_names_work(capsys
         cli_main(["fit", "--model.help", "DetectionTask"])
     assert exit_info.value.code == 0
     assert "--model.score_thresh" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv", [["benchmark", "--help"], ["export", "--help"], ["demo", "detection", "--help"]]
+)
+def test_tool_help_shows_every_default_in_plain_text(argv, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "(default: " in out and "``" not in out and ":mod:" not in out
+    if argv[0] == "benchmark":
+        assert "--batch-sizes BATCH_SIZES\n                        (default: 1,8)" in out

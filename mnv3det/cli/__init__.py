@@ -20,6 +20,7 @@ import importlib
 import sys
 
 from mnv3det.cli.errors import run_reporting_user_errors
+from mnv3det.help_format import DefaultsHelpFormatter
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 TOOL_SUBCOMMANDS = {
@@ -57,6 +58,7 @@ def info_main(argv: list[str]) -> int:
     """``mnv3det info``: print the variant table."""
     parser = argparse.ArgumentParser(
         prog="mnv3det info",
+        formatter_class=DefaultsHelpFormatter,
         description="Print every MobileNetV3 variant (Large/Small, widths, reduced tail): "
         "parameters, MAdds at 224x224 and the taps with their channels and strides.",
     )

@@ -17,6 +17,7 @@ from torch import nn
 
 from mnv3det.deploy.int8 import calibration_images, quantize_onnx
 from mnv3det.deploy.onnx import check_onnx, export_lraspp, export_ssdlite
+from mnv3det.help_format import DefaultsHelpFormatter
 
 __all__ = ["add_model_arguments", "build_model", "main"]
 
@@ -90,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``mnv3det export``: write an ONNX file (and optionally its int8 version)."""
     parser = argparse.ArgumentParser(
         prog="mnv3det export",
+        formatter_class=DefaultsHelpFormatter,
         description="Export SSDLite (with decoding + NMS) or LR-ASPP to ONNX; optionally int8.",
     )
     add_model_arguments(parser)

@@ -33,6 +33,7 @@ import torch
 from mnv3det.cli.export import add_model_arguments
 from mnv3det.deploy.int8 import calibration_images, quantize_onnx
 from mnv3det.deploy.onnx import OnnxDetector, OnnxSegmenter, export_lraspp, export_ssdlite
+from mnv3det.help_format import DefaultsHelpFormatter
 from mnv3det.models.from_checkpoint import load_model, save_model
 
 __all__ = ["int8_accuracy", "main"]
@@ -175,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``mnv3det int8-accuracy``: print (and optionally save) the accuracy of fp32 vs int8."""
     parser = argparse.ArgumentParser(
         prog="mnv3det int8-accuracy",
+        formatter_class=DefaultsHelpFormatter,
         description="PyTorch vs ONNX fp32 vs ONNX int8 (AP/AP50 or mIoU) via the tasks' validation",
     )
     add_model_arguments(parser)

@@ -33,12 +33,15 @@ import time
 import warnings
 from pathlib import Path
 
+from mnv3det.help_format import DefaultsHelpFormatter
+
 TARGET_AP50 = 0.5
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mnv3det demo detection",
+        formatter_class=DefaultsHelpFormatter,
         description="Train SSDLite-MobileNetV3 on generated COCO-format shapes (CPU) and evaluate "
         "it with pycocotools.",
     )

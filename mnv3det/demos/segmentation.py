@@ -27,12 +27,15 @@ import time
 import warnings
 from pathlib import Path
 
+from mnv3det.help_format import DefaultsHelpFormatter
+
 TARGET_MIOU = 0.6
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mnv3det demo segmentation",
+        formatter_class=DefaultsHelpFormatter,
         description="Train LR-ASPP-MobileNetV3 on generated Cityscapes-format street scenes (CPU).",
     )
     parser.add_argument("--output-dir", type=Path, default=Path("demo_output/segmentation"))
