@@ -46,6 +46,7 @@ from mnv3det.blocks import (
     make_divisible,
 )
 from mnv3det.pretrained import resolve_weights
+from mnv3det.weights import load_backbone_weights
 
 # (kernel, expanded, out, use_se, activation, stride) per row of the paper's Table 1 / Table 2.
 LARGE_ROWS: tuple[tuple[int, int, int, bool, str, int], ...] = (
@@ -121,6 +122,23 @@ def block_stages(arch: str) -> list[int]:
         nominal *= row[5]
         stages.append(nominal.bit_length() - 1)
     return stages
+
+
+def checkpoint_has_reduced_tail(state: Mapping[str, Tensor], arch: str, width_mult: float) -> bool:
+    """Whether a checkpoint was trained with the reduced tail (RF2).
+
+    Looks among the tensor shapes for the reduced-tail projection of the first stride-32 block
+    and the reduced-tail last 1x1 conv (Large x1.0: ``(80, 672, 1, 1)`` and ``(480, 80, 1, 1)``;
+    a full tail has neither), so it works for torchvision's keys, ours and Lightning
+    checkpoints alike, for detectors and segmenters.
+    """
+    _, blocks, last_conv, _ = block_configs(arch, width_mult, reduced_tail=True)
+    first_tail = next(b for b in reversed(blocks) if b.stride == 2)
+    wanted = {
+        (first_tail.out_channels, first_tail.expanded, 1, 1),
+        (last_conv, blocks[-1].out_channels, 1, 1),
+    }
+    return wanted <= {tuple(v.shape) for v in state.values()}
 
 
 def block_tap(index: int) -> str:
@@ -276,8 +294,6 @@ class MobileNetV3Backbone(nn.Module):
         self.features = self.features[: deepest + 1]
         self.weights_report = None
         if weights is not None:
-            from mnv3det.weights import load_backbone_weights
-
             self.weights_report = load_backbone_weights(self, weights)
 
         if frozen_bn:

@@ -536,22 +536,3 @@ def _describe(model: nn.Module) -> str:
     width = getattr(model, "width_mult", "?")
     tail = getattr(model, "reduced_tail", "?")
     return f"mobilenet_v3({arch!r}, width_mult={width}, reduced_tail={tail})"
-
-
-def checkpoint_has_reduced_tail(state: Mapping[str, Tensor], arch: str, width_mult: float) -> bool:
-    """Whether a checkpoint was trained with the reduced tail (RF2).
-
-    Looks among the tensor shapes for the reduced-tail projection of the first stride-32 block
-    and the reduced-tail last 1x1 conv (Large x1.0: ``(80, 672, 1, 1)`` and ``(480, 80, 1, 1)``;
-    a full tail has neither), so it works for torchvision's keys, ours and Lightning
-    checkpoints alike, for detectors and segmenters.
-    """
-    from mnv3det.backbone import block_configs
-
-    _, blocks, last_conv, _ = block_configs(arch, width_mult, reduced_tail=True)
-    first_tail = next(b for b in reversed(blocks) if b.stride == 2)
-    wanted = {
-        (first_tail.out_channels, first_tail.expanded, 1, 1),
-        (last_conv, blocks[-1].out_channels, 1, 1),
-    }
-    return wanted <= {tuple(v.shape) for v in state.values()}

@@ -56,7 +56,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from heads.lraspp import PAPER_POOL_KERNEL, PAPER_POOL_STRIDE, LRASPPHead
-from mnv3det.backbone import MobileNetV3Backbone, block_stages, block_tap, mobilenet_v3, tap_info
+from mnv3det.backbone import (
+    MobileNetV3Backbone,
+    block_stages,
+    block_tap,
+    checkpoint_has_reduced_tail,
+    mobilenet_v3,
+    tap_info,
+)
 from mnv3det.models.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from mnv3det.pretrained import resolve_weights
 from mnv3det.weights import (
@@ -64,7 +71,6 @@ from mnv3det.weights import (
     Checkpoint,
     CheckpointFormatError,
     LoadReport,
-    checkpoint_has_reduced_tail,
     load_matching,
     read_checkpoint,
     resolve_arguments,

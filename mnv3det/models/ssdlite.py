@@ -60,7 +60,7 @@ from heads.ssdlite import (
     multibox_loss,
 )
 from heads.ssdlite_postprocess import dense_postprocess, dense_to_list
-from mnv3det.backbone import MobileNetV3Backbone, mobilenet_v3
+from mnv3det.backbone import MobileNetV3Backbone, checkpoint_has_reduced_tail, mobilenet_v3
 from mnv3det.models.normalize import SSDLITE_MEAN, SSDLITE_STD, Normalize
 from mnv3det.pretrained import resolve_weights
 from mnv3det.weights import (
@@ -68,7 +68,6 @@ from mnv3det.weights import (
     Checkpoint,
     CheckpointFormatError,
     LoadReport,
-    checkpoint_has_reduced_tail,
     load_matching,
     read_checkpoint,
     resolve_arguments,
