@@ -71,6 +71,61 @@ def decode_boxes(
     )
 
 
+def _tracing() -> bool:
+    """Whether an exporter / compiler traces this (then only fixed-shape tensor code runs)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+def _select_like_torchvision(
+    fg: Tensor, score_thresh: float, top_scores: Tensor, top_anchor: Tensor
+) -> None:
+    """Per-(image, class) candidates chosen among exactly equal scores as torchvision does.
+
+    torchvision takes ``score[score > thresh].topk(k)`` per class; the dense ``topk`` over the
+    whole masked row computes the same values, but ``topk`` orders (and, at the k-th place,
+    picks among) exactly equal scores depending on the tensor it sorts. Rows with all anchors
+    above the threshold are the same tensor; the few rows with a tie among their valid
+    candidates and some anchors below the threshold are recomputed torchvision's way, in place.
+    """
+    n_valid = (fg > score_thresh).sum(2)
+    k = top_scores.shape[2]
+    nxt = fg.masked_fill(fg <= score_thresh, -1.0).topk(min(k + 1, fg.shape[2]), dim=2)[0]
+    tied = ((nxt[..., 1:] == nxt[..., :-1]) & (nxt[..., 1:] > score_thresh)).any(2)
+    for i, j in (tied & (n_valid < fg.shape[2])).nonzero().tolist():
+        row = fg[i, j]
+        valid = (row > score_thresh).nonzero().squeeze(1)
+        values, order = row[valid].topk(min(k, valid.numel()))
+        top_scores[i, j, : values.numel()] = values
+        top_anchor[i, j, : values.numel()] = valid[order]
+
+
+def _rank_like_torchvision(
+    kept_scores: Tensor, keep: Tensor, top_scores: Tensor, d: int
+) -> tuple[Tensor, Tensor]:
+    """Each image's ``d`` best kept candidates, exactly equal scores ordered as torchvision.
+
+    torchvision's ``batched_nms`` sorts the kept scores of an image in (class, rank) order:
+    with more than 1,000 candidates by an unstable ``sort`` of that compact list (its
+    per-class path), else through one ``nms`` call (a stable sort). The same sort of the same
+    list gives the same order among ties; ``topk`` over the padded ``(N, classes * K)`` tensor
+    would not.
+
+    Returns:
+        ``(scores (N, d), index (N, d))`` as ``kept_scores.topk(d)`` would (``-1`` padding).
+    """
+    n = kept_scores.shape[0]
+    scores = kept_scores.new_full((n, d), -1.0)
+    index = torch.zeros((n, d), dtype=torch.long, device=kept_scores.device)
+    candidates = (top_scores.view(n, -1) > -1.0).sum(1).tolist()
+    for i in range(n):
+        positions = keep[i].nonzero().squeeze(1)
+        values = kept_scores[i, positions]
+        ranked, order = values.sort(descending=True, stable=candidates[i] <= 1000)
+        m = min(d, ranked.numel())
+        scores[i, :m], index[i, :m] = ranked[:m], positions[order[:m]]
+    return scores, index
+
+
 def dense_postprocess(
     cls_logits: Tensor,
     bbox_regression: Tensor,
@@ -112,6 +167,8 @@ def dense_postprocess(
     fg = F.softmax(cls_logits, dim=-1)[..., 1:].transpose(1, 2)
     k = min(topk_candidates, a)
     top_scores, top_anchor = fg.masked_fill(fg <= score_thresh, -1.0).topk(k, dim=2)
+    if not _tracing():
+        _select_like_torchvision(fg, score_thresh, top_scores, top_anchor)
     offsets = (torch.arange(n, device=boxes.device) * a).view(n, 1, 1)
     cand_boxes = boxes.reshape(-1, 4)[(top_anchor + offsets).reshape(-1)]  # (N*(C-1)*K, 4)
     keep = nms_keep_mask(
@@ -119,7 +176,10 @@ def dense_postprocess(
     )
     kept_scores = torch.where(keep.view(n, -1), top_scores.view(n, -1), -1.0)
     d = min(detections_per_img, (c - 1) * k)
-    scores, index = kept_scores.topk(d, dim=1)
+    if _tracing():
+        scores, index = kept_scores.topk(d, dim=1)
+    else:
+        scores, index = _rank_like_torchvision(kept_scores, keep.view(n, -1), top_scores, d)
     valid = scores > score_thresh
     labels = torch.div(index, k, rounding_mode="floor") + 1
     out_boxes = cand_boxes.view(n, -1, 4).gather(1, index.unsqueeze(-1).expand(n, d, 4))
