@@ -55,6 +55,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from heads.label_map import bilinear_argmax
 from heads.lraspp import PAPER_POOL_KERNEL, PAPER_POOL_STRIDE, LRASPPHead
 from mnv3det.backbone import (
     MobileNetV3Backbone,
@@ -265,6 +266,22 @@ class LRASPP(nn.Module):
         """
         out = self.classifier(self.features(images))
         return F.interpolate(out, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+    def predict_labels(self, images: Tensor) -> Tensor:
+        """Label map at the input resolution, without upsampling every class's logits.
+
+        ``self(images).argmax(1)`` computed by :func:`heads.label_map.bilinear_argmax` from
+        the stride-8 logits (the same labels up to float-rounding ties; see
+        docs/deployment.md). :meth:`forward` keeps returning full-resolution logits.
+
+        Args:
+            images: ``(N, 3, H, W)`` RGB in ``[0, 1]``.
+
+        Returns:
+            ``(N, H, W)`` int64 class indices.
+        """
+        low = self.classifier(self.features(images))
+        return bilinear_argmax(low, tuple(images.shape[-2:]))
 
     def load_weights(self, source: str | Path | Mapping[str, Tensor]) -> LoadReport:
         """Load a torchvision ``lraspp_mobilenet_v3_large`` or an mnv3det LR-ASPP checkpoint.
