@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
-from mnv3det.deploy.int8 import calibration_images, quantize_onnx
+from mnv3det.deploy.int8 import CALIBRATION_METHODS, calibration_images, quantize_onnx
 from mnv3det.deploy.onnx import check_onnx, export_lraspp, export_ssdlite
 from mnv3det.help_format import DefaultsHelpFormatter
 
@@ -104,10 +104,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--int8", action="store_true", help="also write a static int8 model")
     parser.add_argument("--int8-output", default=None, help="int8 file (FILE.int8.onnx)")
     parser.add_argument(
-        "--calib-root", default=None, help="data set root (COCO / Cityscapes layout) for --int8"
+        "--calib-root",
+        default=None,
+        help="--int8: images to calibrate on: a COCO / Cityscapes root (its training images) "
+        "or any folder of images (any sizes, read one at a time)",
     )
-    parser.add_argument("--calib-split", default=None, help="split to calibrate on (train)")
+    parser.add_argument(
+        "--calib-split", default=None, help="split folder (default train2017 / train)"
+    )
     parser.add_argument("--calib-images", type=int, default=300)
+    parser.add_argument(
+        "--calibration",
+        choices=CALIBRATION_METHODS,
+        default="percentile",
+        help="--int8: activation ranges from the percentile of |x|, the extremes or the least KL "
+        "divergence (measured in docs/deployment.md)",
+    )
+    parser.add_argument(
+        "--calib-percentile", type=float, default=99.99, help="of --calibration percentile"
+    )
     parser.add_argument(
         "--float-prediction-layers",
         action=argparse.BooleanOptionalAction,
@@ -145,7 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.model, args.calib_root, args.calib_images, split=args.calib_split
             )
             quantize_onnx(
-                output, int8, images, float_prediction_layers=args.float_prediction_layers
+                output,
+                int8,
+                images,
+                calibration=args.calibration,
+                percentile=args.calib_percentile,
+                float_prediction_layers=args.float_prediction_layers,
             )
             print(f"wrote {int8} ({int8.stat().st_size / 1e6:.1f} MB)")
     except (ValueError, FileNotFoundError, KeyError) as err:
