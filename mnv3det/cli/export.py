@@ -4,6 +4,10 @@
 [--int8 --calib-root DIR]``; the graphs are described in :mod:`mnv3det.deploy.onnx`, int8 in
 :mod:`mnv3det.deploy.int8` (``--int8`` also writes ``FILE.int8.onnx`` or ``--int8-output``).
 ``python tools/export.py`` is the same command.
+
+``--format executorch`` writes an ExecuTorch ``.pte`` instead (XNNPACK; fixed ``--input-size``;
+``--int8`` is PT2E int8 into ``FILE.int8.pte``), see :mod:`mnv3det.deploy.executorch`;
+``--format litert`` explains why there is no LiteRT file (see ``docs/deployment.md``).
 """
 
 from __future__ import annotations
@@ -87,6 +91,58 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _parse_hw(text: str) -> tuple[int, int]:
+    """``"512x1024"`` (or ``"320"``) as ``(height, width)``."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"--input-size must be HxW (e.g. 512x1024) or one side, got {text!r}")
+    h = int(parts[0])
+    return h, int(parts[-1])
+
+
+def _export_mobile(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``--format executorch`` (a ``.pte`` and its settings JSON) or ``--format litert``."""
+    from mnv3det.deploy import executorch as et
+
+    if args.format == "litert":
+        print(f"mnv3det export: error: {et.LITERT_UNAVAILABLE}", file=sys.stderr)
+        return 2
+    if args.int8 and args.calib_root is None:
+        parser.error("--int8 needs --calib-root DIR (images to calibrate the activation ranges)")
+    try:
+        model = build_model(args)
+        output = Path(args.output)
+        if args.model == "ssdlite":
+            size = _parse_hw(args.input_size) if args.input_size else tuple(model.size)
+        else:
+            size = _parse_hw(args.input_size or "512x1024")
+        options = {"fuse": not args.no_fuse, "batch": args.batch, "input_size": size}
+        if args.model == "ssdlite":
+            options.update(
+                score_thresh=args.score_thresh,
+                nms_thresh=args.nms_thresh,
+                topk_candidates=args.topk_candidates,
+                detections_per_img=args.detections_per_img,
+            )
+        export = et.export_ssdlite_pte if args.model == "ssdlite" else et.export_lraspp_pte
+        files = [export(model, output, **options)]
+        if args.int8:
+            images = calibration_images(
+                args.model, args.calib_root, args.calib_images, split=args.calib_split, size=size
+            )
+            int8 = Path(args.int8_output or output.with_suffix(".int8.pte"))
+            files.append(export(model, int8, int8=True, calibration=images, **options))
+        for path in files:
+            print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) and {path}.json")
+        if args.check:
+            for path in files:
+                print(et.check_pte(model, path))
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"mnv3det export: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``mnv3det export``: write an ONNX file (and optionally its int8 version)."""
     parser = argparse.ArgumentParser(
@@ -95,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Export SSDLite (with decoding + NMS) or LR-ASPP to ONNX; optionally int8.",
     )
     add_model_arguments(parser)
-    parser.add_argument("--output", required=True, help="output .onnx file")
+    parser.add_argument("--output", required=True, help="output .onnx / .pte file")
     parser.add_argument("--score-thresh", type=float, default=None)
     parser.add_argument("--nms-thresh", type=float, default=None)
     parser.add_argument("--topk-candidates", type=int, default=None)
@@ -133,7 +189,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--check", action="store_true", help="run onnxruntime on random images and compare"
     )
+    parser.add_argument(
+        "--format",
+        choices=("onnx", "executorch", "litert"),
+        default="onnx",
+        help="onnx: .onnx (onnxruntime); executorch: .pte for phones (pip install "
+        "'mnv3det[mobile]'); litert: not available (says why)",
+    )
+    parser.add_argument(
+        "--input-size",
+        default=None,
+        help="executorch: fixed HxW of the program's images (default: SSDLite's size, "
+        "LR-ASPP 512x1024)",
+    )
+    parser.add_argument("--batch", type=int, default=1, help="executorch: images per call")
     args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.format != "onnx":
+        return _export_mobile(parser, args)
     if args.int8 and args.calib_root is None:
         parser.error("--int8 needs --calib-root DIR (images to calibrate the activation ranges)")
     try:

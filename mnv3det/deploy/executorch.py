@@ -51,10 +51,12 @@ from mnv3det.deploy.onnx import ExportError
 from mnv3det.deploy.wrappers import SegmenterDeploy, SSDLiteDeploy
 
 __all__ = [
+    "LITERT_UNAVAILABLE",
     "SSDLITE_PTE_OUTPUTS",
     "ExecuTorchDetector",
     "ExecuTorchSegmenter",
     "SSDLiteCandidates",
+    "check_pte",
     "export_lraspp_pte",
     "export_pte",
     "export_ssdlite_pte",
@@ -64,6 +66,12 @@ __all__ = [
     "set_threads",
     "ssdlite_candidates",
 ]
+
+#: Why ``mnv3det export --format litert`` writes nothing (see ``docs/deployment.md``).
+LITERT_UNAVAILABLE = (
+    "LiteRT export is not available: litert-torch could not convert these models here "
+    "(see docs/deployment.md, 'LiteRT'); use --format executorch or onnx"
+)
 
 #: Output names of the SSDLite program, in order.
 SSDLITE_PTE_OUTPUTS = ("boxes", "scores")
@@ -251,7 +259,7 @@ def _calibrate_quantise(
     quantizer.set_global(get_symmetric_quantization_config(is_per_channel=per_channel))
     graph = torch.export.export(module, (example,)).module()
     prepared = prepare_pt2e(graph, quantizer)
-    count = 0
+    count, pending = 0, []
     with torch.no_grad():
         for image in images:
             batch = torch.as_tensor(np.asarray(image, dtype=np.float32))
@@ -260,11 +268,15 @@ def _calibrate_quantise(
                 batch = F.interpolate(
                     batch, size=example.shape[-2:], mode="bilinear", align_corners=False
                 )
-            for start in range(0, len(batch), example.shape[0]):  # the exported batch size
-                chunk = batch[start : start + example.shape[0]]
-                if len(chunk) == example.shape[0]:
-                    prepared(chunk)
-                    count += 1
+            pending.extend(batch)
+            while len(pending) >= len(example):  # the exported batch size
+                prepared(torch.stack(pending[: len(example)]))
+                del pending[: len(example)]
+                count += 1
+        if pending and count == 0:  # fewer images than one batch: repeat the last
+            pending += pending[-1:] * (len(example) - len(pending))
+            prepared(torch.stack(pending))
+            count += 1
     if count == 0:
         raise ValueError("export_pte: int8 needs calibration images; none were given")
     return convert_pt2e(prepared)
@@ -435,6 +447,25 @@ def export_lraspp_pte(
         },
     )
     return path
+
+
+def check_pte(model: nn.Module, path: str | Path, seed: int = 0) -> str:
+    """Run ``path`` in ExecuTorch's runtime and the PyTorch ``model`` on the same random images.
+
+    Returns:
+        One line: detections per image of both (SSDLite) or the max |logits difference|.
+    """
+    settings = read_settings(path)
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.rand(settings["batch"], 3, *settings["input_size"], generator=gen)
+    with torch.no_grad():
+        if settings["model"] == "ssdlite":
+            ref = [len(r["scores"]) for r in model.eval()(images)]
+            out = [len(r["scores"]) for r in ExecuTorchDetector(path)(images)]
+            return f"check {path}: ExecuTorch detections per image {out}, PyTorch {ref}"
+        ref = SegmenterDeploy(model.eval())(images)
+        diff = float((ExecuTorchSegmenter(path)(images) - ref).abs().max())
+    return f"check {path}: max |logits difference| = {diff:.2e}"
 
 
 # ----------------------------------------------------------------------------- running
