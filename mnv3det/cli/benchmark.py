@@ -19,7 +19,8 @@ from pathlib import Path
 
 from mnv3det.deploy.benchmark.report import markdown_table
 from mnv3det.deploy.benchmark.runner import run_benchmark
-from mnv3det.deploy.benchmark.zoo import CONFIGS, MODEL_NAMES
+from mnv3det.deploy.benchmark.timing import busy_warnings
+from mnv3det.deploy.benchmark.zoo import CONFIGS, MODEL_NAMES, SCORE_REGIMES
 from mnv3det.help_format import DefaultsHelpFormatter
 
 __all__ = ["main"]
@@ -83,6 +84,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="randomise the BatchNorm statistics of the random weights (activations of a "
         "realistic range instead of near zero)",
     )
+    parser.add_argument(
+        "--score-regimes",
+        default="trained,heavy",
+        help="SSDLite score distributions, each timed as its own rows: trained (about 1 %% of "
+        "scores above 0.001), heavy (sharpened class logits: 90 classes x 300 NMS candidates), "
+        "random (the weights as they are; random init: all scores equal); 'none' = no change",
+    )
+    parser.add_argument(
+        "--no-load-check",
+        action="store_true",
+        help="skip measuring the machine's load (a calibration loop before and after)",
+    )
     parser.add_argument("--output", default=None, help="also write the table to this file")
     parser.add_argument("--json", default=None, help="also write the raw results as JSON")
     parser.add_argument("--workdir", default=None, help="keep weights and ONNX files here")
@@ -99,6 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
     batches = [int(b) for b in args.batch_sizes.split(",") if b]
+    regimes: list[str | None] = [r for r in args.score_regimes.split(",") if r]
+    if regimes == ["none"] or args.ssdlite_weights:
+        regimes = [None]  # a checkpoint brings its own score distribution
+    bad = [r for r in regimes if r is not None and r not in SCORE_REGIMES]
+    if bad:
+        parser.error(f"--score-regimes: unknown {bad}; choose from {', '.join(SCORE_REGIMES)}")
+    load: dict | None = None if args.no_load_check else {}
     rows = run_benchmark(
         models,
         batches,
@@ -117,12 +137,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         rounds=args.rounds,
         weights={"ssdlite": args.ssdlite_weights, "lraspp": args.lraspp_weights},
         random_bn=args.random_bn,
+        regimes=regimes,
+        load=load,
     )
     parities = {r["model"]: r["parity"] for r in rows if "parity" in r}
     notes = [
         f"{MODEL_NAMES[m]}: max |logits difference| ours vs torchvision (same weights) {v:.2e}."
         for m, v in parities.items()
     ]
+    seen = set()
+    for r in rows:
+        if r.get("regime") and r["regime"] not in seen:
+            seen.add(r["regime"])
+            st = r["regime_stats"]
+            notes.append(
+                f"{r['regime']} scores: {st['candidates']} (anchor, class) scores above 0.001 "
+                f"per image{'' if st['distinct'] else ' (with exactly equal scores)'}."
+            )
+    if load is not None:
+        warnings = busy_warnings(load.get("before"), load.get("after"))
+        b, a = load.get("before"), load.get("after")
+        notes.append(
+            f"Machine load: calibration loop {b['calib_ms']:.1f} ms (spread {b['calib_spread']:.2f}) "
+            f"before, {a['calib_ms']:.1f} ms (spread {a['calib_spread']:.2f}) after; other "
+            f"processes {100 * b['busy']:.0f} % / {100 * a['busy']:.0f} % CPU, steal "
+            f"{100 * b['steal']:.0f} % / {100 * a['steal']:.0f} %."
+        )
+        for w in warnings:
+            print(f"mnv3det benchmark: WARNING: busy machine: {w}", file=sys.stderr)
+        if warnings:
+            notes.append(
+                "**Busy machine**: " + "; ".join(warnings) + ". Absolute times are inflated; "
+                "compare the ratios of interleaved rounds (--rounds) and the IQR."
+            )
     table = markdown_table(rows, args.threads, notes)
     print(table)
     if args.output:

@@ -91,15 +91,23 @@ class FastSSDLite(nn.Module):
     Args:
         model: an :class:`mnv3det.models.ssdlite.SSDLite` (left unchanged).
         channels_last: run the network in channels_last memory format.
+        bf16: run the network under ``torch.autocast("cpu", torch.bfloat16)`` (fast on CPUs
+            with AVX512-BF16 / AMX; post-processing stays float32). Detections then differ
+            slightly from float32 (accuracy cost in docs/deployment.md).
         **thresholds: ``score_thresh``, ``nms_thresh``, ``topk_candidates``,
             ``detections_per_img`` overrides (``None`` keeps the model's).
     """
 
     def __init__(
-        self, model: nn.Module, channels_last: bool = False, **thresholds: float | int | None
+        self,
+        model: nn.Module,
+        channels_last: bool = False,
+        bf16: bool = False,
+        **thresholds: float | int | None,
     ) -> None:
         super().__init__()
         self.channels_last = channels_last
+        self.bf16 = bf16
         self.model = optimize_for_inference(model, channels_last=channels_last)
         for name, value in thresholds.items():
             if not hasattr(self.model, name):
@@ -116,7 +124,11 @@ class FastSSDLite(nn.Module):
 
     def network(self, batch: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """Backbone, extra blocks and heads on a pre-processed batch: ``(outputs, anchors)``."""
-        return self.model.head_outputs(batch)
+        if not self.bf16:
+            return self.model.head_outputs(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs, anchors = self.model.head_outputs(batch)
+        return {k: v.float() for k, v in outputs.items()}, anchors.float()
 
     def postprocess(
         self, outputs: dict[str, Tensor], anchors: Tensor, original: list[tuple[int, int]]

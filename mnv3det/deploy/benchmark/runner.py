@@ -25,10 +25,17 @@ from pathlib import Path
 
 import torch
 
-from mnv3det.deploy.benchmark.timing import merge_rounds, peak_rss_mb, summarise, time_calls
+from mnv3det.deploy.benchmark.timing import (
+    machine_load,
+    merge_rounds,
+    peak_rss_mb,
+    summarise,
+    time_calls,
+)
 from mnv3det.deploy.benchmark.zoo import (
     CONFIGS,
     SSDLiteNetwork,
+    apply_score_regime,
     config_runner,
     count_madds,
     our_model,
@@ -76,6 +83,7 @@ def prepare(
     configs: Sequence[str],
     weights: str | Path | None = None,
     random_bn: bool = False,
+    regime: str | None = None,
 ) -> dict:
     """Weights file, ONNX exports (fp32, int8), params/MAdds (and LR-ASPP parity) of one model.
 
@@ -87,12 +95,21 @@ def prepare(
         configs: the configurations that will run (ONNX files only when needed).
         weights: torchvision checkpoint instead of random weights.
         random_bn: randomise the BatchNorm statistics of the random weights.
+        regime: SSDLite score distribution (:func:`~mnv3det.deploy.benchmark.zoo.apply_score_regime`;
+            ``None`` leaves the weights as they are).
     """
     tv = torchvision_model(kind, weights, random_bn)
+    info: dict = {}
+    if regime is not None:
+        example = torch.rand(1, 3, *input_size, generator=torch.Generator().manual_seed(2))
+        info["regime"] = regime
+        info["regime_stats"] = apply_score_regime(tv, regime, example)
+        workdir = workdir / regime
+        workdir.mkdir(parents=True, exist_ok=True)
     weights = workdir / f"{kind}_weights.pt"
     torch.save(tv.state_dict(), weights)
     ours = our_model(kind, tv.state_dict())
-    info: dict = {"weights": str(weights), "params": sum(p.numel() for p in ours.parameters())}
+    info.update(weights=str(weights), params=sum(p.numel() for p in ours.parameters()))
     info["params_tv"] = sum(p.numel() for p in tv.parameters())
     gen = torch.Generator().manual_seed(1)
     if kind == "ssdlite":
@@ -100,7 +117,7 @@ def prepare(
     else:
         info["madds"] = count_madds(ours, torch.zeros(1, 3, *input_size))
         info["parity"] = parity(tv, ours, torch.rand(1, 3, *input_size, generator=gen))
-    if not any(c.startswith("onnx") for c in configs):
+    if not any(c.startswith(("onnx", "openvino")) for c in configs):
         return info
     fp32 = workdir / f"{kind}.onnx"
     if kind == "ssdlite":
@@ -169,6 +186,8 @@ def run_benchmark(
     rounds: int = 1,
     weights: Mapping[str, str | Path] | None = None,
     random_bn: bool = False,
+    regimes: Sequence[str | None] = (None,),
+    load: dict | None = None,
 ) -> list[dict]:
     """Time every (model, config, batch) and return the result rows (see module docstring).
 
@@ -178,6 +197,10 @@ def run_benchmark(
     (``"ssdlite"``, ``"lraspp"``) to a torchvision checkpoint timed instead of random weights;
     ``random_bn`` randomises the BatchNorm statistics of random weights. The rows of a model
     carry ``parity`` (LR-ASPP: max |logits difference| ours vs torchvision) when measured.
+    ``regimes``: SSDLite score distributions, each timed as its own model
+    (:func:`~mnv3det.deploy.benchmark.zoo.apply_score_regime`). ``load``, when given, receives
+    :func:`~mnv3det.deploy.benchmark.timing.machine_load` before (``"before"``) and after
+    (``"after"``) the timings.
     """
     if rounds < 1:
         raise BenchmarkError(f"rounds must be >= 1, got {rounds}")
@@ -186,12 +209,28 @@ def run_benchmark(
         work = Path(workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(threads)
-        for kind in models:
+        if load is not None:
+            load["before"] = machine_load(threads)
+        jobs = [
+            (kind, regime)
+            for kind in models
+            for regime in (regimes if kind == "ssdlite" else (None,))
+        ]
+        for kind, regime in jobs:
             size = det_size if kind == "ssdlite" else seg_size
-            log(f"[benchmark] preparing {kind} (weights, ONNX export, int8) ...")
+            log(f"[benchmark] preparing {kind} {regime or ''} (weights, ONNX export, int8) ...")
             info = prepare(
-                kind, work, size, calib_images, configs, (weights or {}).get(kind), random_bn
+                kind,
+                work,
+                size,
+                calib_images,
+                configs,
+                (weights or {}).get(kind),
+                random_bn,
+                regime,
             )
+            if regime is not None:
+                log(f"[benchmark] {regime} scores: {info['regime_stats']}")
             n_iter = iters if kind == "ssdlite" or seg_iters is None else seg_iters
             for batch in batch_sizes:
                 timed: dict[str, list[dict]] = {config: [] for config in configs}
@@ -214,13 +253,16 @@ def run_benchmark(
                         madds=info["madds"],
                         input_size=tuple(size),
                         **({"parity": info["parity"]} if "parity" in info else {}),
+                        **{k: info[k] for k in ("regime", "regime_stats") if k in info},
                     )
                     log(
-                        f"[benchmark] {kind} {config} b{batch} round {_round + 1}/{rounds}: "
+                        f"[benchmark] {kind} {regime or ''} {config} b{batch} round {_round + 1}/{rounds}: "
                         f"{row['median_ms']:.1f} ms/img {row['stages_ms']}"
                     )
                     timed[config].append(row)
                 results.extend(merge_rounds(timed[config]) for config in configs)
+        if load is not None:
+            load["after"] = machine_load(threads)
     return results
 
 

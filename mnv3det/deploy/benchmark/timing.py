@@ -9,8 +9,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
-__all__ = ["merge_rounds", "peak_rss_mb", "summarise", "time_calls"]
+__all__ = [
+    "busy_warnings",
+    "machine_load",
+    "merge_rounds",
+    "peak_rss_mb",
+    "summarise",
+    "time_calls",
+]
 
 
 def time_calls(fn: Callable[[], object], iters: int, warmup: int) -> list[float]:
@@ -65,3 +73,89 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _cpu_times() -> list[int] | None:
+    """The aggregate ``cpu`` line of ``/proc/stat`` (user, nice, system, idle, ..., steal)."""
+    try:
+        return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def machine_load(threads: int, seconds: float = 1.0, calibration_runs: int = 15) -> dict:
+    """How busy this machine is: load average, CPU use and steal, and a calibration loop.
+
+    The calibration loop times a fixed amount of work (a 384x384 float32 matmul chain on
+    ``threads`` threads) ``calibration_runs`` times: on an idle machine its spread
+    (p90 / p10) stays near 1.0; other processes on the same cores stretch it.
+
+    Returns:
+        ``{"loadavg": 1-minute load, "cpus": online CPUs, "busy": fraction of CPU time used
+        (all processes, over ``seconds``), "steal": fraction stolen by the hypervisor,
+        "calib_ms": median calibration time, "calib_spread": p90 / p10}``.
+    """
+    import os
+
+    cpus = os.cpu_count() or 1
+    first = _cpu_times()
+    time.sleep(seconds)
+    second = _cpu_times()
+    busy = steal = float("nan")
+    if first and second:
+        delta = [b - a for a, b in zip(first, second, strict=False)]
+        total = sum(delta) or 1
+        idle = delta[3] + (delta[4] if len(delta) > 4 else 0)
+        busy, steal = 1 - idle / total, (delta[7] / total if len(delta) > 7 else 0.0)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a = torch.rand(384, 384, generator=torch.Generator().manual_seed(0))
+
+    def work() -> None:
+        x = a
+        for _ in range(20):
+            x = torch.tanh(x @ a)
+
+    t = np.asarray(time_calls(work, calibration_runs, 3)) * 1000
+    torch.set_num_threads(old_threads)
+    return {
+        "loadavg": os.getloadavg()[0],
+        "cpus": cpus,
+        "busy": busy,
+        "steal": steal,
+        "calib_ms": float(np.median(t)),
+        "calib_spread": float(np.percentile(t, 90) / np.percentile(t, 10)),
+    }
+
+
+def busy_warnings(before: dict, after: dict | None = None) -> list[str]:
+    """Warnings when :func:`machine_load` says the timings are not trustworthy.
+
+    Busy when, before or after the run: other processes used more than a quarter of the CPU
+    time while the benchmark was idle, the hypervisor stole more than 5 %, the calibration
+    loop's spread exceeds 1.25, or its median moved by more than 20 % between before and after.
+    """
+    out = []
+    for when, m in (("before", before), ("after", after)):
+        if not m:
+            continue
+        if m["busy"] > 0.25:
+            out.append(
+                f"{when}: other processes used {100 * m['busy']:.0f} % of the {m['cpus']} CPUs "
+                f"(load average {m['loadavg']:.1f})"
+            )
+        if m["steal"] > 0.05:
+            out.append(f"{when}: hypervisor steal {100 * m['steal']:.0f} %")
+        if m["calib_spread"] > 1.25:
+            out.append(
+                f"{when}: calibration loop spread p90/p10 = {m['calib_spread']:.2f} "
+                f"(idle: ~1.0; median {m['calib_ms']:.1f} ms)"
+            )
+    if before and after:
+        drift = after["calib_ms"] / before["calib_ms"]
+        if not 0.8 <= drift <= 1.25:
+            out.append(
+                f"calibration loop {before['calib_ms']:.1f} ms before, {after['calib_ms']:.1f} ms "
+                "after: the machine's speed changed during the run"
+            )
+    return out

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from heads.label_map import bilinear_argmax
 from mnv3det.deploy.fast import FastSSDLite, optimize_for_inference
 from mnv3det.deploy.onnx import onnx_session
 from mnv3det.deploy.wrappers import SSDLiteDeploy
@@ -33,23 +34,41 @@ __all__ = [
     "CONFIGS",
     "LABELS",
     "MODEL_NAMES",
+    "SCORE_REGIMES",
     "SSDLiteNetwork",
+    "apply_score_regime",
     "config_runner",
     "count_madds",
+    "openvino_model",
     "our_model",
     "parity",
     "torchvision_model",
 ]
 
-CONFIGS = ("torchvision", "eager", "fused", "fused_cl", "onnx_fp32", "onnx_int8")
+CONFIGS = (
+    "torchvision",
+    "eager",
+    "fused",
+    "fused_cl",
+    "fused_cl_bf16",
+    "onnx_fp32",
+    "onnx_int8",
+    "openvino_fp32",
+    "openvino_bf16",
+)
 LABELS = {
     "torchvision": "torchvision eager",
     "eager": "ours eager",
     "fused": "ours fused",
     "fused_cl": "ours fused+CL",
+    "fused_cl_bf16": "ours fused+CL bf16",
     "onnx_fp32": "ONNX fp32",
     "onnx_int8": "ONNX int8",
+    "openvino_fp32": "OpenVINO fp32 (our ONNX)",
+    "openvino_bf16": "OpenVINO bf16 (our ONNX)",
 }
+#: SSDLite score distributions (:func:`apply_score_regime`).
+SCORE_REGIMES = ("trained", "heavy", "random")
 MODEL_NAMES = {"ssdlite": "SSDLite320-MNV3-Large", "lraspp": "LR-ASPP-MNV3-Large"}
 
 
@@ -86,6 +105,72 @@ def torchvision_model(
 
         randomize_bn_stats(model)
     return model.eval()
+
+
+def apply_score_regime(model: nn.Module, regime: str, image: Tensor) -> dict:
+    """Give torchvision's SSDLite a score distribution by rescaling its class logits.
+
+    The last convolution of each classification head is scaled so that the class logits have
+    the standard deviation of the regime on ``image`` (random weights leave them near zero:
+    every score about 1/91, all exactly equal), plus a background bias:
+
+    * ``"trained"``: std 2, background +10: most anchors are background, about 1 % of the
+      (anchor, class) scores pass 0.001, as with a trained detector on a natural image;
+    * ``"heavy"``: std 3, no background bias (a sharpened, over-confident or untrained
+      classifier): most classes of most anchors pass 0.001, NMS gets 90 x 300 candidates;
+    * ``"random"``: unchanged (all scores equal).
+
+    Returns:
+        ``{"candidates": scores above 0.001 on image, "distinct": whether no two tie}``.
+    """
+    convs = [
+        layer[-1] if isinstance(layer, nn.Sequential) else layer
+        for layer in model.head.classification_head.module_list
+    ]
+
+    def logits() -> Tensor:
+        images, _ = model.transform(list(image))
+        features = list(model.backbone(images.tensors).values())
+        return model.head(features)["cls_logits"]
+
+    with torch.no_grad():
+        if regime != "random":
+            std, background = {"trained": (2.0, 10.0), "heavy": (3.0, 0.0)}[regime]
+            measured = float(logits().std()) or 1.0
+            for conv in convs:
+                conv.weight.mul_(std / measured)
+                bias = conv.bias.view(-1, model.head.classification_head.num_columns)
+                bias.mul_(std / measured)
+                bias[:, 0] += background
+        scores = logits().softmax(-1)[..., 1:]
+        passed = scores[scores > 0.001]
+    return {
+        "candidates": int(passed.numel()),
+        "distinct": bool(passed.unique().numel() == passed.numel()),
+    }
+
+
+def openvino_model(path: str | Path, threads: int, bf16: bool, shape: tuple[int, ...]):
+    """An ONNX file compiled by OpenVINO for the CPU (static ``shape``, latency hint).
+
+    Args:
+        path: the ``.onnx`` file.
+        threads: ``INFERENCE_NUM_THREADS``.
+        bf16: ``INFERENCE_PRECISION_HINT`` bf16 (OpenVINO's default where the CPU has it)
+            instead of f32.
+        shape: the input shape to compile for.
+    """
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(path))
+    model.reshape({"images": list(shape)})
+    config = {
+        "INFERENCE_NUM_THREADS": threads,
+        "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
+        "PERFORMANCE_HINT": "LATENCY",
+    }
+    return core.compile_model(model, "CPU", config)
 
 
 def our_model(kind: str, state: Mapping[str, Tensor]) -> nn.Module:
@@ -152,6 +237,33 @@ def config_runner(spec: dict) -> tuple[Callable, Callable]:
             and the ONNX files of :func:`mnv3det.deploy.benchmark.runner.prepare`.
     """
     kind, config = spec["model"], spec["config"]
+    if config.startswith("openvino"):
+        onnx_file = spec["onnx_fp32"]
+        shape = (spec["batch"], 3, *spec["input_size"])
+        bf16 = config.endswith("bf16")
+        compiled = openvino_model(onnx_file, spec["threads"], bf16, shape)
+        if kind == "ssdlite":
+            net_compiled = openvino_model(spec["onnx_fp32_network"], spec["threads"], bf16, shape)
+
+            def e2e(x: Tensor):
+                return compiled(x.numpy())
+
+            def stages(x: Tensor):
+                return [("network", lambda: net_compiled(x.numpy()))]
+
+            return e2e, stages
+
+        def ov_net(x: Tensor):
+            return torch.from_numpy(compiled(x.numpy())[0])
+
+        def e2e(x: Tensor):
+            return ov_net(x).argmax(1)
+
+        def stages(x: Tensor):
+            logits = ov_net(x)
+            return [("network", lambda: ov_net(x)), ("post", lambda: logits.argmax(1))]
+
+        return e2e, stages
     if config.startswith("onnx"):
         session = onnx_session(spec[config], spec["threads"], spec.get("passive", False))
         if kind == "ssdlite":
@@ -211,12 +323,17 @@ def config_runner(spec: dict) -> tuple[Callable, Callable]:
             return model, _ssdlite_stages(
                 lambda x: model.preprocess(x)[:2], model.head_outputs, model.postprocess
             )
-        fast = FastSSDLite(model, channels_last=config == "fused_cl")
+        fast = FastSSDLite(
+            model, channels_last=config.startswith("fused_cl"), bf16=config.endswith("bf16")
+        )
         return fast, _ssdlite_stages(fast.preprocess, fast.network, fast.postprocess)
 
-    # LR-ASPP: [torchvision: normalise] -> logits -> argmax (ours normalises in its network)
-    channels_last = config == "fused_cl"
-    if config in ("fused", "fused_cl"):
+    # LR-ASPP: [torchvision: normalise] -> logits -> label map (torchvision: full-size logits
+    # then argmax; ours: stride-8 logits then heads.label_map.bilinear_argmax, normalising
+    # inside the network)
+    channels_last = config.startswith("fused_cl")
+    bf16 = config.endswith("bf16")
+    if config.startswith("fused"):
         model = optimize_for_inference(model, channels_last=channels_last)
     normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD) if config == "torchvision" else nn.Identity()
 
@@ -224,20 +341,34 @@ def config_runner(spec: dict) -> tuple[Callable, Callable]:
         y = normalize(x)
         return y.contiguous(memory_format=torch.channels_last) if channels_last else y
 
-    def net(y: Tensor) -> Tensor:
-        out = model(y)
-        return out["out"] if isinstance(out, dict) else out
+    if config == "torchvision":
+
+        def net(y: Tensor) -> Tensor:
+            return model(y)["out"]
+
+        def post(logits: Tensor, size: tuple[int, int]) -> Tensor:
+            return logits.argmax(1)
+
+    else:
+
+        def net(y: Tensor) -> Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                return model.classifier(model.features(y)).float()
+
+        def post(logits: Tensor, size: tuple[int, int]) -> Tensor:
+            return bilinear_argmax(logits, size)
 
     def e2e(x: Tensor):
-        return net(pre(x)).argmax(1)
+        return post(net(pre(x)), tuple(x.shape[-2:]))
 
     def stages(x: Tensor):
         y = pre(x)
         logits = net(y)
+        size = tuple(x.shape[-2:])
         return [
             ("pre", lambda: pre(x)),
             ("network", lambda: net(y)),
-            ("post", lambda: logits.argmax(1)),
+            ("post", lambda: post(logits, size)),
         ]
 
     return e2e, stages
