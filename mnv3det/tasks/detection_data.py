@@ -10,9 +10,9 @@ pixels of the annotation file.
 
 Data problems (images left out, annotations dropped, boxes clipped ...; see
 :mod:`mnv3det.data.coco`) are reported once, at the end of ``fit``, ``validate``, ``test`` and
-``predict``: the data module adds a callback (:class:`DatasetStatsReporter`) to the trainer it is
-attached to, which prints a summary per data set and writes every problem, per file, to
-``skipped.csv`` in the run's log folder (``trainer.log_dir``).
+``predict`` by the data module's own ``teardown`` hook (:class:`mnv3det.tasks.data_report.DataReport`),
+which prints a summary per data set and writes every problem, per file, to ``skipped.csv`` in the
+run's log folder (``trainer.log_dir``).
 """
 
 from __future__ import annotations
@@ -35,88 +35,17 @@ from mnv3det.data.coco import (
 )
 from mnv3det.data.detection_transforms import eval_transforms, train_transforms
 from mnv3det.data.loader_defaults import resolve_num_workers, resolve_pin_memory
-from mnv3det.data.problems import write_problems
 from mnv3det.data.sampling import ResumableTrainData, default_seed
 from mnv3det.data.seeding import seed_worker_transforms
+from mnv3det.tasks.data_report import DataReport
 
 DEFAULT_SIZE = 320
 """Training input side of a data module used without a model (torchvision's SSDLite320)."""
 
-__all__ = ["CocoDataModule", "DatasetStatsReporter", "add_stats_reporter"]
+__all__ = ["CocoDataModule"]
 
 
-class DatasetStatsReporter(L.Callback):
-    """Prints the data sets' summaries and writes ``skipped.csv`` once, at the end of a run.
-
-    Added automatically by :class:`CocoDataModule` and
-    :class:`~mnv3det.tasks.segmentation_data.CityscapesDataModule`. At the end of ``fit``,
-    ``validate``, ``test`` and ``predict`` (and when a run stops on an exception) it reads
-    ``datamodule.datasets_in_use(stage)``, prints ``stats.report()`` of each (rank zero only)
-    and writes all their problems to ``<trainer.log_dir>/skipped.csv`` (columns split, file,
-    reason, detail) when there are any. Problems found while reading items in DataLoader workers
-    are included (shared memory) and a file counts once however often it was read.
-
-    Args:
-        file_name: name of the CSV file in the log folder.
-    """
-
-    def __init__(self, file_name: str = "skipped.csv") -> None:
-        self.file_name = file_name
-        self.written: Path | None = None
-        self.summary: str = ""
-
-    def _finish(self, trainer: L.Trainer, stage: str) -> None:
-        dm = trainer.datamodule
-        datasets_in_use = getattr(dm, "datasets_in_use", None)
-        if dm is None or datasets_in_use is None or trainer.global_rank != 0:
-            return
-        datasets = [d for d in datasets_in_use(stage) if getattr(d, "stats", None) is not None]
-        if not datasets:
-            return
-        problems = [row for d in datasets for row in d.stats.problems]
-        lines = [d.stats.report() for d in datasets]
-        self.written = None
-        if problems:
-            folder = Path(trainer.log_dir or trainer.default_root_dir)
-            self.written = write_problems(folder.resolve() / self.file_name, problems)
-            files = len({(row.split, row.file) for row in problems})
-            lines.append(
-                f"{len(problems)} problems in {files} files, each with its reason: {self.written}"
-            )
-        else:
-            lines.append("nothing was skipped, dropped or unreadable")
-        self.summary = "\n".join(lines)
-        rank_zero_info("\n".join(f"[data] {line}" for line in self.summary.splitlines()))
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._finish(trainer, "fit")
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn == "validate":  # plain `validate`, not validation inside fit
-            self._finish(trainer, "validate")
-
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._finish(trainer, "test")
-
-    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._finish(trainer, "predict")
-
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
-        self._finish(trainer, str(trainer.state.fn or "fit"))
-
-
-def add_stats_reporter(trainer: L.Trainer | None) -> None:
-    """Add one :class:`DatasetStatsReporter` to ``trainer`` (a no-op when it has one)."""
-    if trainer is not None and not any(
-        isinstance(cb, DatasetStatsReporter) for cb in trainer.callbacks
-    ):
-        # LightningDataModule has no end-of-run hooks; a callback reports the problems.
-        trainer.callbacks.append(DatasetStatsReporter())
-
-
-class CocoDataModule(ResumableTrainData, L.LightningDataModule):
+class CocoDataModule(ResumableTrainData, DataReport, L.LightningDataModule):
     """COCO-format detection data for Lightning.
 
     Args:
@@ -298,11 +227,11 @@ class CocoDataModule(ResumableTrainData, L.LightningDataModule):
         if stage in (None, "predict") and self.predict_dataset is None:
             self.predict_dataset = self._predict_dataset()
         self._check_same_label_space()
-        add_stats_reporter(getattr(self, "trainer", None))
+        self._reported_stage = None  # report this run once, at its end (DataReport)
 
     def datasets_in_use(self, stage: str) -> list[Dataset]:
         """The data sets ``stage`` (``fit``/``validate``/``test``/``predict``) reads, built ones
-        only (for :class:`DatasetStatsReporter`)."""
+        only (for :class:`~mnv3det.tasks.data_report.DataReport`)."""
         names = {
             "fit": ("train_dataset", "val_dataset"),
             "validate": ("val_dataset",),

@@ -8,7 +8,7 @@ reads the generated street scenes of :mod:`mnv3det.data.synthetic_cityscapes` fo
 
 Every image/label pair is checked at setup (``on_error``, see :mod:`mnv3det.data.cityscapes`);
 what was left out is summarised at the end of the run and listed in ``skipped.csv`` in the run's
-log folder (:class:`mnv3det.tasks.detection_data.DatasetStatsReporter`).
+log folder (:class:`mnv3det.tasks.data_report.DataReport`).
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from mnv3det.data.loader_defaults import resolve_num_workers, resolve_pin_memory
 from mnv3det.data.sampling import ResumableTrainData
 from mnv3det.data.seeding import seed_worker_transforms
 from mnv3det.data.segmentation_transforms import eval_transforms, train_transforms
-from mnv3det.tasks.detection_data import add_stats_reporter
+from mnv3det.tasks.data_report import DataReport
 
 
-class CityscapesDataModule(ResumableTrainData, L.LightningDataModule):
+class CityscapesDataModule(ResumableTrainData, DataReport, L.LightningDataModule):
     """Cityscapes train/val/test/predict loaders.
 
     Train and validation items are ``(image FloatTensor[3, H, W] in [0, 1], mask
@@ -207,11 +207,11 @@ class CityscapesDataModule(ResumableTrainData, L.LightningDataModule):
             _ = self.test_dataset
         if stage == "predict":
             _ = self.predict_dataset
-        add_stats_reporter(getattr(self, "trainer", None))
+        self._reported_stage = None  # report this run once, at its end (DataReport)
 
     def datasets_in_use(self, stage: str) -> list[Dataset]:
         """The data sets ``stage`` (``fit``/``validate``/``test``/``predict``) reads, built ones
-        only (for :class:`~mnv3det.tasks.detection_data.DatasetStatsReporter`)."""
+        only (for :class:`~mnv3det.tasks.data_report.DataReport`)."""
         built = {
             "fit": (self._train, self._val),
             "validate": (self._val,),
