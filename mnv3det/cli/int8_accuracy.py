@@ -12,7 +12,10 @@ validate``: pycocotools AP / AP50, confusion-matrix mIoU):
   task in place of the PyTorch model (:class:`~mnv3det.deploy.onnx.OnnxDetector` /
   :class:`~mnv3det.deploy.onnx.OnnxSegmenter`);
 * ``onnx_int8``: the export quantised by :func:`~mnv3det.deploy.int8.quantize_onnx`, calibrated
-  on up to ``--calib-images`` training images.
+  on up to ``--calib-images`` training images; with ``--calibration`` one int8 model per
+  calibration recipe (``onnx_int8[minmax]``, ``onnx_int8[percentile:99.9/per-tensor]``, ...),
+  each quantised in a subprocess that reports its time and peak memory
+  (:func:`~mnv3det.deploy.int8.measure_quantization`).
 
 This module imports both the tasks and :mod:`mnv3det.deploy`, which is why it lives in the CLI
 layer (``deploy`` never imports a task).
@@ -31,12 +34,12 @@ import lightning as L
 import torch
 
 from mnv3det.cli.export import add_model_arguments
-from mnv3det.deploy.int8 import calibration_images, quantize_onnx
+from mnv3det.deploy.int8 import CALIBRATION_METHODS, measure_quantization
 from mnv3det.deploy.onnx import OnnxDetector, OnnxSegmenter, export_lraspp, export_ssdlite
 from mnv3det.help_format import DefaultsHelpFormatter
 from mnv3det.models.from_checkpoint import load_model, save_model
 
-__all__ = ["int8_accuracy", "main"]
+__all__ = ["int8_accuracy", "main", "parse_recipe"]
 
 #: The logged validation metrics reported per model (percent).
 REPORTED = {"ssdlite": {"AP": "val/map", "AP50": "val/map_50"}, "lraspp": {"mIoU": "val/miou"}}
@@ -84,6 +87,36 @@ def _task(kind: str, description: dict[str, Any], **training: Any) -> L.Lightnin
     )
 
 
+def parse_recipe(spec: str) -> dict[str, Any]:
+    """``quantize_onnx`` keywords of a calibration recipe ``METHOD[:PERCENTILE][/FLAG...]``.
+
+    Flags: ``per-tensor`` (one weight scale per tensor instead of per channel), ``float-pred``
+    (the prediction convolutions stay float). Example: ``percentile:99.9/per-tensor``.
+
+    Raises:
+        ValueError: unknown method or flag, or a bad percentile.
+    """
+    method, *flags = spec.strip().split("/")
+    method, _, percentile = method.partition(":")
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(
+            f"calibration recipe {spec!r}: method must be one of {CALIBRATION_METHODS}"
+        )
+    options: dict[str, Any] = {"calibration": method}
+    if percentile:
+        if method != "percentile":
+            raise ValueError(f"calibration recipe {spec!r}: only percentile takes a number")
+        options["percentile"] = float(percentile)
+    for flag in flags:
+        if flag == "per-tensor":
+            options["per_channel"] = False
+        elif flag == "float-pred":
+            options["float_prediction_layers"] = True
+        else:
+            raise ValueError(f"calibration recipe {spec!r}: unknown flag {flag!r}")
+    return options
+
+
 def int8_accuracy(
     kind: str,
     root: str | Path,
@@ -94,6 +127,7 @@ def int8_accuracy(
     batch_size: int | None = None,
     float_prediction_layers: bool = False,
     log: Callable[[str], None] = print,
+    recipes: Sequence[str] | None = None,
     **model_options: Any,
 ) -> dict[str, dict[str, float]]:
     """Validation metrics of the PyTorch model, its ONNX fp32 export and its int8 version.
@@ -108,12 +142,16 @@ def int8_accuracy(
         batch_size: batch of the data module (16 detection / 8 segmentation).
         float_prediction_layers: keep SSDLite's prediction convolutions in float.
         log: progress messages.
+        recipes: calibration recipes (:func:`parse_recipe`), one int8 model each, named
+            ``onnx_int8[RECIPE]``; ``None``: one ``onnx_int8`` with the defaults.
         **model_options: ``arch``, ``num_classes``, ``width_mult``, ``reduced_tail``, ``size``
             (SSDLite) for :func:`~mnv3det.models.from_checkpoint.load_model` (``None`` = the
             checkpoint's) or the trained model.
 
     Returns:
-        ``{"pytorch" | "onnx_fp32" | "onnx_int8": {"AP", "AP50"} or {"mIoU"}}`` in percent.
+        ``{"pytorch" | "onnx_fp32" | "onnx_int8...": {"AP", "AP50"} or {"mIoU"}}`` in percent;
+        the int8 entries also hold ``calib_s`` (calibration + quantisation seconds) and
+        ``calib_peak_rss_mb`` (peak memory of the subprocess that quantised).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -141,19 +179,31 @@ def int8_accuracy(
     else:
         fp32 = export_lraspp(model, workdir / f"{kind}.onnx")
         onnx_model = OnnxSegmenter
-    images = calibration_images(kind, root, calib, split=data.train_split)
-    int8 = quantize_onnx(
-        fp32, workdir / f"{kind}.int8.onnx", images, float_prediction_layers=float_prediction_layers
-    )
+    int8_models: dict[str, tuple[Path, dict[str, float]]] = {}
+    default = {"float_prediction_layers": float_prediction_layers}
+    for recipe in recipes or [None]:
+        name = "onnx_int8" if recipe is None else f"onnx_int8[{recipe}]"
+        options = default if recipe is None else parse_recipe(recipe)
+        path = workdir / f"{kind}.int8.onnx"
+        if recipe is not None:
+            path = path.with_suffix(f".{recipe.replace('/', '_').replace(':', '')}.onnx")
+        cost = measure_quantization(
+            fp32, path, kind, root, calib, split=data.train_split, **options
+        )
+        int8_models[name] = (
+            path,
+            {
+                "calib_s": cost["seconds"],
+                "calib_peak_rss_mb": cost["peak_rss_mb"],
+            },
+        )
     results = {}
-    for name, candidate in (
-        ("pytorch", model),
-        ("onnx_fp32", onnx_model(fp32)),
-        ("onnx_int8", onnx_model(int8)),
-    ):
+    candidates = [("pytorch", model, {}), ("onnx_fp32", onnx_model(fp32), {})]
+    candidates += [(n, onnx_model(path), cost) for n, (path, cost) in int8_models.items()]
+    for name, candidate, cost in candidates:
         task.model = candidate
         (logged,) = _trainer(workdir).validate(task, datamodule=data, verbose=False)
-        results[name] = {k: 100 * float(logged[key]) for k, key in REPORTED[kind].items()}
+        results[name] = {k: 100 * float(logged[key]) for k, key in REPORTED[kind].items()} | cost
         log(f"[int8-accuracy] {kind} {name}: {results[name]}")
     task.model = model
     return results
@@ -192,10 +242,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="SSDLite: keep the prediction convolutions in float (slower; can help a weakly "
         "trained model) instead of quantising them too (default)",
     )
+    parser.add_argument(
+        "--calibration",
+        default=None,
+        help="comma-separated calibration recipes METHOD[:PERCENTILE][/per-tensor][/float-pred], "
+        "one int8 model each (e.g. minmax,entropy,percentile:99.9,percentile:99.99/per-tensor); "
+        "default: one int8 model with quantize_onnx's defaults",
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(list(argv) if argv is not None else None)
     if not Path(args.data_root).exists():
         parser.error(f"--data-root {args.data_root} does not exist")
+    recipes = None
+    if args.calibration:
+        recipes = [r.strip() for r in args.calibration.split(",") if r.strip()]
+        try:
+            [parse_recipe(r) for r in recipes]
+        except ValueError as err:
+            parser.error(str(err))
     results = int8_accuracy(
         args.model,
         args.data_root,
@@ -206,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size=args.batch_size,
         float_prediction_layers=args.float_prediction_layers,
         log=lambda s: print(s, file=sys.stderr),
+        recipes=recipes,
         **{k: getattr(args, k) for k in ("arch", "num_classes", "width_mult", "reduced_tail")},
         size=args.size if args.model == "ssdlite" else None,
     )
