@@ -117,6 +117,10 @@ def prepare(
     else:
         info["madds"] = count_madds(ours, torch.zeros(1, 3, *input_size))
         info["parity"] = parity(tv, ours, torch.rand(1, 3, *input_size, generator=gen))
+    if any(c.startswith("executorch") for c in configs):
+        from mnv3det.deploy.benchmark.mobile import prepare_executorch
+
+        info.update(prepare_executorch(kind, ours, workdir, input_size, calib, configs))
     if not any(c.startswith(("onnx", "openvino")) for c in configs):
         return info
     fp32 = workdir / f"{kind}.onnx"

@@ -9,7 +9,9 @@ configurations of :data:`CONFIGS`:
 * ``eager``: our model as trained (BatchNorms, our batched post-processing);
 * ``fused`` / ``fused_cl``: :class:`~mnv3det.deploy.fast.FastSSDLite` /
   :func:`~mnv3det.deploy.fast.optimize_for_inference` (conv+BN folded; CL = channels_last);
-* ``onnx_fp32`` / ``onnx_int8``: onnxruntime, CPU provider, all graph optimisations.
+* ``onnx_fp32`` / ``onnx_int8``: onnxruntime, CPU provider, all graph optimisations;
+* ``executorch_fp32`` / ``executorch_int8``: the ``.pte`` programs in ExecuTorch's runtime
+  (XNNPACK; :mod:`mnv3det.deploy.benchmark.mobile`).
 
 Each runs end to end (float images in ``[0, 1]`` to detections / an argmax label map) and in
 stages (pre-processing, network, post-processing).
@@ -55,6 +57,8 @@ CONFIGS = (
     "onnx_int8",
     "openvino_fp32",
     "openvino_bf16",
+    "executorch_fp32",
+    "executorch_int8",
 )
 LABELS = {
     "torchvision": "torchvision eager",
@@ -66,6 +70,8 @@ LABELS = {
     "onnx_int8": "ONNX int8",
     "openvino_fp32": "OpenVINO fp32 (our ONNX)",
     "openvino_bf16": "OpenVINO bf16 (our ONNX)",
+    "executorch_fp32": "ExecuTorch fp32 (XNNPACK)",
+    "executorch_int8": "ExecuTorch int8 (XNNPACK)",
 }
 #: SSDLite score distributions (:func:`apply_score_regime`).
 SCORE_REGIMES = ("trained", "heavy", "random")
@@ -237,6 +243,10 @@ def config_runner(spec: dict) -> tuple[Callable, Callable]:
             and the ONNX files of :func:`mnv3det.deploy.benchmark.runner.prepare`.
     """
     kind, config = spec["model"], spec["config"]
+    if config.startswith("executorch"):  # deploy.benchmark.mobile: the .pte programs
+        from mnv3det.deploy.benchmark.mobile import executorch_runner
+
+        return executorch_runner(spec)
     if config.startswith("openvino"):
         onnx_file = spec["onnx_fp32"]
         shape = (spec["batch"], 3, *spec["input_size"])
