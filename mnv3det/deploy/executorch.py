@@ -69,8 +69,11 @@ __all__ = [
 
 #: Why ``mnv3det export --format litert`` writes nothing (see ``docs/deployment.md``).
 LITERT_UNAVAILABLE = (
-    "LiteRT export is not available: litert-torch could not convert these models here "
-    "(see docs/deployment.md, 'LiteRT'); use --format executorch or onnx"
+    "LiteRT export is not wired in: litert-torch 0.10.0 converts both models (tried: LR-ASPP "
+    "logits equal to 1e-7), but it installs ~930 MB (jax, transformers, litert-converter) and "
+    "its xdsl dependency pins typing-extensions<4.13, which conflicts with executorch's "
+    "(cattrs needs >=4.14), so it cannot share an environment with the 'mobile' extra; see "
+    "docs/deployment.md ('On device'). Use --format executorch or onnx"
 )
 
 #: Output names of the SSDLite program, in order.
