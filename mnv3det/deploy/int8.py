@@ -652,6 +652,18 @@ def measure_quantization(
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak resident memory in MB.
+
+    ``VmHWM`` of ``/proc/self/status`` where there is one: ``getrusage``'s ``ru_maxrss`` of a
+    subprocess also counts its parent's memory at the fork before ``exec`` (Linux keeps the
+    larger), so a large parent would hide the child's own peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
