@@ -100,15 +100,13 @@ def _parse_hw(text: str) -> tuple[int, int]:
     return h, int(parts[-1])
 
 
-def _export_mobile(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def _export_mobile(args: argparse.Namespace) -> int:
     """``--format executorch`` (a ``.pte`` and its settings JSON) or ``--format litert``."""
     from mnv3det.deploy import executorch as et
 
     if args.format == "litert":
         print(f"mnv3det export: error: {et.LITERT_UNAVAILABLE}", file=sys.stderr)
         return 2
-    if args.int8 and args.calib_root is None:
-        parser.error("--int8 needs --calib-root DIR (images to calibrate the activation ranges)")
     try:
         model = build_model(args)
         output = Path(args.output)
@@ -204,10 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--batch", type=int, default=1, help="executorch: images per call")
     args = parser.parse_args(list(argv) if argv is not None else None)
-    if args.format != "onnx":
-        return _export_mobile(parser, args)
     if args.int8 and args.calib_root is None:
         parser.error("--int8 needs --calib-root DIR (images to calibrate the activation ranges)")
+    if args.format != "onnx":
+        return _export_mobile(args)
     try:
         model = build_model(args)
         output = Path(args.output)

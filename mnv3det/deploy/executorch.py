@@ -322,6 +322,12 @@ def read_settings(path: str | Path) -> dict[str, Any]:
     return json.loads(side.read_text())
 
 
+def _inference_copy(model: nn.Module, fuse: bool) -> nn.Module:
+    """The model to export: ExecuTorch checked, BatchNorms folded (a copy) or eval mode."""
+    require_executorch()
+    return fuse_conv_bn(model) if fuse else model.eval()
+
+
 def _description(model: nn.Module) -> dict[str, Any]:
     description = getattr(model, "description", {}) or {}
     return {k: description.get(k) for k in ("class_names", "label_map") if k in description}
@@ -365,8 +371,7 @@ def export_ssdlite_pte(
         ExportError: ExecuTorch is not installed.
         ValueError: ``int8`` without calibration images.
     """
-    require_executorch()
-    model = fuse_conv_bn(model) if fuse else model.eval()
+    model = _inference_copy(model, fuse)
     h, w = input_size or model.size
     example = torch.rand(batch, 3, h, w)
     candidates = SSDLiteCandidates(model, None, score_thresh, topk_candidates)
@@ -426,8 +431,7 @@ def export_lraspp_pte(
         ExportError: ExecuTorch is not installed.
         ValueError: ``int8`` without calibration images.
     """
-    require_executorch()
-    model = fuse_conv_bn(model) if fuse else model.eval()
+    model = _inference_copy(model, fuse)
     deploy = SegmenterDeploy(model).eval()
     example = torch.rand(batch, 3, *input_size)
     module: nn.Module = deploy
