@@ -207,13 +207,14 @@ def test_export_executorch_bad_input_size(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_benchmark_executorch_rows(capsys):
-    """The benchmark's ExecuTorch rows run (LR-ASPP, tiny size, one iteration, in-process)."""
+    """The benchmark's ExecuTorch rows run (LR-ASPP, tiny size, one iteration, in-process;
+    fp32 only: the int8 export is the same function, tested above)."""
     from mnv3det.cli.benchmark import main as benchmark_main
 
     args = ["--models", "lraspp", "--batch-sizes", "2", "--iters", "1", "--warmup", "0"]
     args += ["--seg-size", "64x96", "--in-process", "--calib-images", "2", "--no-load-check"]
-    assert benchmark_main([*args, "--configs", "torchvision,executorch_fp32,executorch_int8"]) == 0
+    assert benchmark_main([*args, "--configs", "torchvision,executorch_fp32"]) == 0
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| LR-ASPP")]
     labels = [r.split("|")[2].strip() for r in rows]
-    assert labels == ["torchvision eager", "ExecuTorch fp32 (XNNPACK)", "ExecuTorch int8 (XNNPACK)"]
+    assert labels == ["torchvision eager", "ExecuTorch fp32 (XNNPACK)"]
     assert all(float(r.split("|")[4]) > 0 for r in rows)
