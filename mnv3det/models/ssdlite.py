@@ -350,9 +350,10 @@ class SSDLite(nn.Module):
         batch, original, targets = self.preprocess(images, targets if self.training else None)
         outputs, anchors = self.head_outputs(batch)
         if self.training:
+            # fp32 loss under autocast (bf16 outputs would put the ground truth in bf16 too)
             return multibox_loss(
-                outputs["cls_logits"],
-                outputs["bbox_regression"],
+                outputs["cls_logits"].float(),
+                outputs["bbox_regression"].float(),
                 anchors,
                 targets,
                 self.box_coder,

@@ -5,14 +5,20 @@
 * Learning-rate multipliers per step: linear warm-up then cosine (torchvision's SSDLite recipe)
   or polynomial decay (DeepLab/LR-ASPP recipe, power 0.9).
 * Optional EMA of weights via ``torch.optim.swa_utils.AveragedModel``.
+* The SGD step is fused (one kernel over every parameter, ``torch.optim.SGD(fused=True)``)
+  where PyTorch has the fused kernel (CPU, CUDA), instead of a Python loop over parameters.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+#: Device types on which ``torch.optim.SGD(fused=True)`` has a kernel.
+_FUSED_SGD_DEVICES = ("cpu", "cuda")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -72,6 +78,7 @@ def sgd_with_schedule(
     total_steps: int,
     warmup_steps: int,
     schedule: str = "cosine",
+    fused: bool | None = None,
 ) -> dict:
     """SGD (Nesterov off, as in the recipes) plus a per-step LambdaLR, in Lightning's format.
 
@@ -83,13 +90,18 @@ def sgd_with_schedule(
         total_steps: optimiser steps of the whole run (``trainer.estimated_stepping_batches``).
         warmup_steps: linear warm-up steps.
         schedule: "cosine" or "poly".
+        fused: use PyTorch's fused SGD kernel; ``None`` (default): when every trainable
+            parameter is a float tensor on a device that has it (:func:`can_fuse_sgd`).
 
     Returns:
         The dict ``configure_optimizers`` returns.
     """
     if schedule not in ("cosine", "poly"):
         raise ValueError(f"schedule must be 'cosine' or 'poly', got {schedule!r}")
-    optimizer = torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=momentum)
+    groups = param_groups(model, weight_decay)
+    if fused is None:
+        fused = can_fuse_sgd(p for group in groups for p in group["params"])
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=fused or None)
     if schedule == "cosine":
 
         def factor(step: int) -> float:
@@ -104,6 +116,18 @@ def sgd_with_schedule(
         "optimizer": optimizer,
         "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
     }
+
+
+def can_fuse_sgd(params: Iterable[Tensor]) -> bool:
+    """Whether ``torch.optim.SGD(fused=True)`` takes these parameters: floating point, all on
+    one device of a type with the fused kernel (CPU or CUDA), at least one."""
+    params = list(params)
+    devices = {p.device for p in params}
+    return (
+        len(devices) == 1
+        and next(iter(devices)).type in _FUSED_SGD_DEVICES
+        and all(p.is_floating_point() for p in params)
+    )
 
 
 def make_ema(model: nn.Module, decay: float = 0.9998) -> torch.optim.swa_utils.AveragedModel:
