@@ -38,14 +38,7 @@ from mnv3det.models.ssdlite import SSDLite, ssdlite
 from mnv3det.tasks.checkpoints import make_checkpoint_safe
 from mnv3det.tasks.description import datamodule_facts, describe_in_checkpoint
 from mnv3det.tasks.optim import make_ema, set_bn_momentum, sgd_with_schedule
-from mnv3det.tasks.speed import (
-    AUTOCAST_MODES,
-    compile_modules,
-    keep_depthwise_in_float32,
-    resolve_train_autocast,
-    to_channels_last,
-    train_autocast,
-)
+from mnv3det.tasks.speed import compile_modules, prepare_for_training, step_autocast
 from mnv3det.weights import DESCRIPTION_KEY
 
 __all__ = ["DetectionTask"]
@@ -126,11 +119,6 @@ class DetectionTask(L.LightningModule):
         self.save_hyperparameters()
         if lr <= 0:
             raise ValueError(f"DetectionTask: lr must be > 0, got {lr}")
-        if train_autocast not in AUTOCAST_MODES:
-            raise ValueError(
-                f"DetectionTask: train_autocast must be one of {AUTOCAST_MODES}, got "
-                f"{train_autocast!r}"
-            )
         if warmup_epochs < 0:
             raise ValueError(f"DetectionTask: warmup_epochs must be >= 0, got {warmup_epochs}")
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
@@ -149,9 +137,9 @@ class DetectionTask(L.LightningModule):
             topk_candidates=topk_candidates,
         )
         set_bn_momentum(self.model, bn_momentum, "DetectionTask")
-        keep_depthwise_in_float32(self.model)
-        if channels_last:
-            to_channels_last(self.model)
+        prepare_for_training(
+            self.model, "DetectionTask", channels_last=channels_last, train_autocast=train_autocast
+        )
         self._compiled = False
         self.ema = None
         if ema_decay is not None:
@@ -218,8 +206,7 @@ class DetectionTask(L.LightningModule):
     # -------------------------------------------------------------- training
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         images, targets = batch
-        dtype = resolve_train_autocast(self.hparams.train_autocast, self.device)
-        with train_autocast(dtype, self.device):
+        with step_autocast(self.hparams.train_autocast, self.device):
             losses = self.model(list(images), list(targets))
         loss = losses["bbox_regression"] + losses["classification"]
         n = len(images)

@@ -43,14 +43,7 @@ from mnv3det.models.lraspp import lraspp
 from mnv3det.tasks.checkpoints import make_checkpoint_safe
 from mnv3det.tasks.description import datamodule_facts, describe_in_checkpoint
 from mnv3det.tasks.optim import set_bn_momentum, sgd_with_schedule
-from mnv3det.tasks.speed import (
-    AUTOCAST_MODES,
-    compile_modules,
-    keep_depthwise_in_float32,
-    resolve_train_autocast,
-    to_channels_last,
-    train_autocast,
-)
+from mnv3det.tasks.speed import compile_modules, prepare_for_training, step_autocast
 
 
 def _window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -137,15 +130,11 @@ class SegmentationTask(L.LightningModule):
             [0, 1] images straight to the model. Kept under this name so checkpoints of older
             versions (whose hyper-parameters hold it) load.
         std: the model's input normalisation std (``lraspp(image_std=...)``), as ``mean``.
-        channels_last: keep the model's weights (hence its activations) in channels_last
-            (NHWC) memory format: faster convolutions and BatchNorm on CPUs (oneDNN) and on
-            GPUs under mixed precision. Checkpoints are the same either way.
-        train_autocast: autocast of the training step when the trainer does not autocast
-            itself (``trainer.precision: 32-true``): ``"auto"`` (bf16 on a CPU with native
-            bf16, AVX512-BF16 or AMX; nothing on a GPU, where ``trainer.precision`` decides),
-            ``"bf16"`` or ``"off"`` (fp32). The loss is computed in fp32; under CPU autocast
-            the depthwise convolutions stay fp32 (:mod:`mnv3det.tasks.speed`). Validation,
-            test and predict run as the trainer says, fp32 by default.
+        channels_last: weights and activations in NHWC memory format (default; as in
+            :class:`~mnv3det.tasks.detection.DetectionTask`, same checkpoints either way).
+        train_autocast: ``"auto"`` (default: the training step in bf16 on a CPU with native
+            bf16 when ``trainer.precision`` is ``32-true``), ``"bf16"`` or ``"off"``; the loss
+            stays fp32 and evaluation follows the trainer (see :mod:`mnv3det.tasks.speed`).
         compile: ``torch.compile`` the model (in place; checkpoints unchanged) when the trainer
             sets it up. Compiling takes minutes on a CPU and pays off on long runs.
     """
@@ -181,11 +170,6 @@ class SegmentationTask(L.LightningModule):
         self.save_hyperparameters()
         if lr <= 0:
             raise ValueError(f"SegmentationTask: lr must be > 0, got {lr}")
-        if train_autocast not in AUTOCAST_MODES:
-            raise ValueError(
-                f"SegmentationTask: train_autocast must be one of {AUTOCAST_MODES}, got "
-                f"{train_autocast!r}"
-            )
         if val_window is not None and (len(val_window) != 2 or min(val_window) < 1):
             raise ValueError(
                 f"SegmentationTask: val_window must be (height, width), got {val_window}"
@@ -204,9 +188,12 @@ class SegmentationTask(L.LightningModule):
             image_std=std,
         )
         set_bn_momentum(self.model, bn_momentum, "SegmentationTask")
-        keep_depthwise_in_float32(self.model)
-        if channels_last:
-            to_channels_last(self.model)
+        prepare_for_training(
+            self.model,
+            "SegmentationTask",
+            channels_last=channels_last,
+            train_autocast=train_autocast,
+        )
         self._compiled = False
         if class_names is None:
             class_names = (
@@ -250,8 +237,7 @@ class SegmentationTask(L.LightningModule):
     # -------------------------------------------------------------- training
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, masks = batch
-        dtype = resolve_train_autocast(self.hparams.train_autocast, self.device)
-        with train_autocast(dtype, self.device):
+        with step_autocast(self.hparams.train_autocast, self.device):
             logits = self(images)
         logits = logits.float()  # the loss in fp32 whatever the autocast
         if (masks != self.ignore_index).any():

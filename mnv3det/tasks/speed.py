@@ -32,7 +32,9 @@ __all__ = [
     "compile_modules",
     "cpu_has_native_bf16",
     "keep_depthwise_in_float32",
+    "prepare_for_training",
     "resolve_train_autocast",
+    "step_autocast",
     "to_channels_last",
     "train_autocast",
 ]
@@ -121,3 +123,33 @@ def compile_modules(modules: list[nn.Module]) -> None:
     not change, so checkpoints stay loadable by the uncompiled model)."""
     for module in modules:
         module.compile()
+
+
+def prepare_for_training(
+    model: nn.Module, owner: str, *, channels_last: bool, train_autocast: str
+) -> None:
+    """What a task does to its freshly built model: check ``train_autocast``, keep the
+    depthwise convolutions fp32 under CPU autocast, and channels_last weights if asked.
+
+    Args:
+        model: the task's model (before any EMA copy, so that the copy is alike).
+        owner: the task's name, for the error message.
+        channels_last: convert the weights to channels_last (:func:`to_channels_last`).
+        train_autocast: the task's argument, one of :data:`AUTOCAST_MODES`.
+
+    Raises:
+        ValueError: ``train_autocast`` is not one of :data:`AUTOCAST_MODES`.
+    """
+    if train_autocast not in AUTOCAST_MODES:
+        raise ValueError(
+            f"{owner}: train_autocast must be one of {AUTOCAST_MODES}, got {train_autocast!r}"
+        )
+    keep_depthwise_in_float32(model)
+    if channels_last:
+        to_channels_last(model)
+
+
+def step_autocast(mode: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The autocast context of one training step: :func:`train_autocast` of
+    :func:`resolve_train_autocast`."""
+    return train_autocast(resolve_train_autocast(mode, device), device)
