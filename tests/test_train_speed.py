@@ -87,13 +87,24 @@ def test_sgd_is_fused_where_pytorch_has_the_kernel() -> None:
     assert not can_fuse_sgd([])
 
 
-def test_tasks_default_to_channels_last_and_keep_checkpoint_keys() -> None:
-    fast = DetectionTask("small", num_classes=3, size=64, width_mult=0.5)
+def test_tasks_fit_in_channels_last_by_default_and_end_in_nchw() -> None:
+    fast = DetectionTask("small", num_classes=3, size=64, width_mult=0.5, ema_decay=0.9)
     plain = DetectionTask("small", num_classes=3, size=64, width_mult=0.5, channels_last=False)
     weight = fast.model.backbone.features[0][0].weight
+    ema_weight = fast.ema.module.backbone.features[0][0].weight
+    fast.on_fit_start(), plain.on_fit_start()
     assert weight.is_contiguous(memory_format=torch.channels_last)
+    assert ema_weight.is_contiguous(memory_format=torch.channels_last)
+    assert fast.model.backbone.features[0][0].weight is weight  # an optimiser keeps its tensors
     assert plain.model.backbone.features[0][0].weight.is_contiguous()
-    assert list(fast.state_dict()) == list(plain.state_dict())
+    assert list(fast.model.state_dict()) == list(plain.model.state_dict())
+    fast.on_fit_end()
+    assert weight.is_contiguous() and ema_weight.is_contiguous()
+    seg = SegmentationTask("small", num_classes=3, width_mult=0.5)
+    seg.on_fit_start()
+    assert seg.model.backbone.features[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    seg.on_fit_end()
+    assert seg.model.backbone.features[0][0].weight.is_contiguous()
     assert any(isinstance(m, Float32DepthwiseConv2d) for m in fast.model.modules())
     with pytest.raises(ValueError, match="train_autocast must be one of"):
         DetectionTask("small", num_classes=3, size=64, train_autocast="fp16")

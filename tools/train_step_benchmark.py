@@ -148,6 +148,7 @@ def our_step(kind: str, weights: Path, batch: tuple, options: dict[str, Any]) ->
         )
         schedule = "poly"
     task.log = lambda *args, **kwargs: None  # Lightning's logging needs a Trainer
+    task.on_fit_start()  # what fit does first (channels_last)
     task.train()
     optimizer = sgd_with_schedule(
         task.model, LR, MOMENTUM, WEIGHT_DECAY, 1000, 0, schedule, fused=fused

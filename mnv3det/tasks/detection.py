@@ -38,7 +38,12 @@ from mnv3det.models.ssdlite import SSDLite, ssdlite
 from mnv3det.tasks.checkpoints import make_checkpoint_safe
 from mnv3det.tasks.description import datamodule_facts, describe_in_checkpoint
 from mnv3det.tasks.optim import make_ema, set_bn_momentum, sgd_with_schedule
-from mnv3det.tasks.speed import compile_modules, prepare_for_training, step_autocast
+from mnv3det.tasks.speed import (
+    compile_modules,
+    prepare_for_training,
+    set_memory_format,
+    step_autocast,
+)
 from mnv3det.weights import DESCRIPTION_KEY
 
 __all__ = ["DetectionTask"]
@@ -76,9 +81,10 @@ class DetectionTask(L.LightningModule):
             Very short runs (the demo) need a larger value (e.g. 0.1) so that the running
             statistics used at evaluation catch up with the weights.
         print_table: print pycocotools' table after ``validate``/``test`` (rank 0).
-        channels_last: keep the model's weights (hence its activations) in channels_last
-            (NHWC) memory format: faster convolutions and BatchNorm on CPUs (oneDNN) and on
-            GPUs under mixed precision. Checkpoints are the same either way.
+        channels_last: while fitting (training and its validations), keep the model's weights,
+            hence its activations, in channels_last (NHWC) memory format: faster convolutions
+            and BatchNorm on CPUs (oneDNN) and on GPUs under mixed precision. The model is
+            NCHW again after ``fit``; checkpoints are the same either way.
         train_autocast: autocast of the training step when the trainer does not autocast
             itself (``trainer.precision: 32-true``): ``"auto"`` (bf16 on a CPU with native
             bf16, AVX512-BF16 or AMX; nothing on a GPU, where ``trainer.precision`` decides),
@@ -137,9 +143,7 @@ class DetectionTask(L.LightningModule):
             topk_candidates=topk_candidates,
         )
         set_bn_momentum(self.model, bn_momentum, "DetectionTask")
-        prepare_for_training(
-            self.model, "DetectionTask", channels_last=channels_last, train_autocast=train_autocast
-        )
+        prepare_for_training(self.model, "DetectionTask", train_autocast)
         self._compiled = False
         self.ema = None
         if ema_decay is not None:
@@ -202,6 +206,16 @@ class DetectionTask(L.LightningModule):
         if self.hparams.compile and not self._compiled:
             compile_modules([self.model.backbone, self.model.extra, self.model.head])
             self._compiled = True
+
+    def on_fit_start(self) -> None:
+        """``channels_last: true``: NHWC weights (and EMA weights) while fitting."""
+        if self.hparams.channels_last:
+            set_memory_format([self.model, self.ema], channels_last=True)
+
+    def on_fit_end(self) -> None:
+        """Back to NCHW, so the trained model computes as one rebuilt from its checkpoint."""
+        if self.hparams.channels_last:
+            set_memory_format([self.model, self.ema], channels_last=False)
 
     # -------------------------------------------------------------- training
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:

@@ -43,7 +43,12 @@ from mnv3det.models.lraspp import lraspp
 from mnv3det.tasks.checkpoints import make_checkpoint_safe
 from mnv3det.tasks.description import datamodule_facts, describe_in_checkpoint
 from mnv3det.tasks.optim import set_bn_momentum, sgd_with_schedule
-from mnv3det.tasks.speed import compile_modules, prepare_for_training, step_autocast
+from mnv3det.tasks.speed import (
+    compile_modules,
+    prepare_for_training,
+    set_memory_format,
+    step_autocast,
+)
 
 
 def _window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -130,8 +135,8 @@ class SegmentationTask(L.LightningModule):
             [0, 1] images straight to the model. Kept under this name so checkpoints of older
             versions (whose hyper-parameters hold it) load.
         std: the model's input normalisation std (``lraspp(image_std=...)``), as ``mean``.
-        channels_last: weights and activations in NHWC memory format (default; as in
-            :class:`~mnv3det.tasks.detection.DetectionTask`, same checkpoints either way).
+        channels_last: weights and activations in NHWC memory format while fitting (default;
+            as in :class:`~mnv3det.tasks.detection.DetectionTask`).
         train_autocast: ``"auto"`` (default: the training step in bf16 on a CPU with native
             bf16 when ``trainer.precision`` is ``32-true``), ``"bf16"`` or ``"off"``; the loss
             stays fp32 and evaluation follows the trainer (see :mod:`mnv3det.tasks.speed`).
@@ -188,12 +193,7 @@ class SegmentationTask(L.LightningModule):
             image_std=std,
         )
         set_bn_momentum(self.model, bn_momentum, "SegmentationTask")
-        prepare_for_training(
-            self.model,
-            "SegmentationTask",
-            channels_last=channels_last,
-            train_autocast=train_autocast,
-        )
+        prepare_for_training(self.model, "SegmentationTask", train_autocast)
         self._compiled = False
         if class_names is None:
             class_names = (
@@ -233,6 +233,16 @@ class SegmentationTask(L.LightningModule):
         if self.hparams.compile and not self._compiled:
             compile_modules([self.model])
             self._compiled = True
+
+    def on_fit_start(self) -> None:
+        """``channels_last: true``: NHWC weights while fitting."""
+        if self.hparams.channels_last:
+            set_memory_format([self.model], channels_last=True)
+
+    def on_fit_end(self) -> None:
+        """Back to NCHW, so the trained model computes as one rebuilt from its checkpoint."""
+        if self.hparams.channels_last:
+            set_memory_format([self.model], channels_last=False)
 
     # -------------------------------------------------------------- training
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:

@@ -5,7 +5,9 @@ What the profile of a MobileNetV3 training step on a CPU says (SSDLite320-Large,
 ``tools/train_step_benchmark.py`` and the README's "Training speed"):
 
 * **channels_last** (NHWC) lets oneDNN run the depthwise convolutions and BatchNorm without
-  layout conversions: the depthwise backward is 3-4x faster than in NCHW.
+  layout conversions: the depthwise backward is 3-4x faster than in NCHW. The tasks switch
+  their model to it for the duration of ``fit`` (:func:`set_memory_format`) and back at its
+  end, so that a model after ``fit`` computes exactly as one rebuilt from its checkpoint.
 * **bf16 autocast** runs the 1x1 (pointwise) convolutions, most of the FLOPs, 3-5x faster on a
   CPU with native bf16 (AVX512-BF16 or AMX). The *depthwise* convolutions are the exception:
   oneDNN's bf16 depthwise backward (strided ones above all) is up to 10x slower than its fp32
@@ -21,7 +23,7 @@ predict always run as the trainer says (fp32 by default).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -34,8 +36,8 @@ __all__ = [
     "keep_depthwise_in_float32",
     "prepare_for_training",
     "resolve_train_autocast",
+    "set_memory_format",
     "step_autocast",
-    "to_channels_last",
     "train_autocast",
 ]
 
@@ -112,10 +114,15 @@ def keep_depthwise_in_float32(model: nn.Module) -> int:
     return changed
 
 
-def to_channels_last(model: nn.Module) -> nn.Module:
-    """``model`` with its 4-d parameters and buffers in channels_last (NHWC) memory format, in
-    place; convolutions then produce NHWC outputs from NCHW inputs, so inputs need no change."""
-    return model.to(memory_format=torch.channels_last)
+def set_memory_format(modules: Iterable[nn.Module | None], channels_last: bool) -> None:
+    """Put the 4-d parameters and buffers of ``modules`` in channels_last (NHWC) or back in the
+    contiguous (NCHW) memory format, in place (the ``Parameter`` objects stay, so an optimiser
+    built before keeps them). Convolutions produce NHWC outputs from NCHW inputs when their
+    weights are NHWC, so inputs need no change. ``None`` entries are skipped (no EMA)."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    for module in modules:
+        if module is not None:
+            module.to(memory_format=memory_format)
 
 
 def compile_modules(modules: list[nn.Module]) -> None:
@@ -125,16 +132,13 @@ def compile_modules(modules: list[nn.Module]) -> None:
         module.compile()
 
 
-def prepare_for_training(
-    model: nn.Module, owner: str, *, channels_last: bool, train_autocast: str
-) -> None:
-    """What a task does to its freshly built model: check ``train_autocast``, keep the
-    depthwise convolutions fp32 under CPU autocast, and channels_last weights if asked.
+def prepare_for_training(model: nn.Module, owner: str, train_autocast: str) -> None:
+    """What a task does to its freshly built model: check ``train_autocast`` and keep the
+    depthwise convolutions fp32 under CPU autocast (:func:`keep_depthwise_in_float32`).
 
     Args:
         model: the task's model (before any EMA copy, so that the copy is alike).
         owner: the task's name, for the error message.
-        channels_last: convert the weights to channels_last (:func:`to_channels_last`).
         train_autocast: the task's argument, one of :data:`AUTOCAST_MODES`.
 
     Raises:
@@ -145,8 +149,6 @@ def prepare_for_training(
             f"{owner}: train_autocast must be one of {AUTOCAST_MODES}, got {train_autocast!r}"
         )
     keep_depthwise_in_float32(model)
-    if channels_last:
-        to_channels_last(model)
 
 
 def step_autocast(mode: str, device: torch.device | str) -> contextlib.AbstractContextManager:
