@@ -11,6 +11,8 @@ decoding and per-class top-k inside), *post* is :func:`mnv3det.deploy.executorch
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -55,8 +57,23 @@ def prepare_executorch(
         images = (torch.rand(3, *input_size, generator=gen) for _ in range(calib))
         path = workdir / f"{kind}.{'int8.' if int8 else ''}pte"
         export(model, path, input_size=input_size, int8=int8, calibration=images)
+        if int8:
+            _check_loads(path)
         files[config] = str(path)
     return files
+
+
+def _check_loads(path: Path) -> None:
+    """Load ``path`` in a subprocess: XNNPACK refuses some int8 programs of degenerate random
+    weights at load time (``xnn_status_unsupported_parameter``, then the process aborts)."""
+    code = f"from mnv3det.deploy.executorch import load_method; load_method({str(path)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.splitlines() if "XNN" in ln or "Error" in ln]
+        raise RuntimeError(
+            f"the int8 ExecuTorch program {path} does not load ({'; '.join(lines[-2:])}); "
+            "with random weights use --random-bn (realistic activation ranges)"
+        )
 
 
 def executorch_runner(spec: dict) -> tuple[Callable, Callable]:
