@@ -111,7 +111,7 @@ def test_benchmark_table_small(capsys):
     in-process through the ONNX export path, SSDLite in a subprocess (its own peak memory)."""
     from mnv3det.cli.benchmark import main as benchmark_main
 
-    common = ["--batch-sizes", "2", "--iters", "1", "--warmup", "0"]
+    common = ["--batch-sizes", "2", "--iters", "1", "--warmup", "0", "--no-load-check"]
     seg = ["--models", "lraspp", *common, "--seg-size", "64x96", "--in-process"]
     assert benchmark_main([*seg, "--configs", "torchvision,onnx_fp32"]) == 0
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| LR-ASPP")]
@@ -119,6 +119,7 @@ def test_benchmark_table_small(capsys):
     assert "1.00x" in rows[0] and rows[1].split("|")[8].strip() == "in graph"
 
     det = ["--models", "ssdlite", *common, "--det-size", "200x240", "--configs", "fused"]
+    det += ["--score-regimes", "trained"]  # one row (the heavy regime is a second one)
     assert benchmark_main([*det, "--rounds", "2"]) == 0
     out = capsys.readouterr().out
     assert "pooled over 2 interleaved rounds" in out
