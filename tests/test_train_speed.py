@@ -105,7 +105,9 @@ def test_tasks_fit_in_channels_last_by_default_and_end_in_nchw() -> None:
     assert seg.model.backbone.features[0][0].weight.is_contiguous(memory_format=torch.channels_last)
     seg.on_fit_end()
     assert seg.model.backbone.features[0][0].weight.is_contiguous()
-    assert any(isinstance(m, Float32DepthwiseConv2d) for m in fast.model.modules())
+    assert any(isinstance(m, Float32DepthwiseConv2d) for m in fast.model.backbone.modules())
+    head_convs = [m for m in fast.model.head.modules() if isinstance(m, nn.Conv2d)]
+    assert all(type(m) is Float32DepthwiseConv2d for m in head_convs)  # fp32 outputs
     with pytest.raises(ValueError, match="train_autocast must be one of"):
         DetectionTask("small", num_classes=3, size=64, train_autocast="fp16")
     with pytest.raises(ValueError, match="train_autocast must be one of"):

@@ -97,8 +97,10 @@ class Float32DepthwiseConv2d(nn.Conv2d):
         return super().forward(input)
 
 
-def keep_depthwise_in_float32(model: nn.Module) -> int:
-    """Make every depthwise ``nn.Conv2d`` of ``model`` a :class:`Float32DepthwiseConv2d`.
+def keep_depthwise_in_float32(model: nn.Module, also: Iterable[nn.Module] = ()) -> int:
+    """Make every depthwise ``nn.Conv2d`` of ``model``, and every ``nn.Conv2d`` inside the
+    modules of ``also`` (e.g. SSDLite's prediction heads, whose outputs are the box offsets and
+    class logits), a :class:`Float32DepthwiseConv2d`: fp32 under CPU autocast.
 
     Only the class changes (parameters, buffers, hooks and ``state_dict`` keys stay), so
     checkpoints, EMA copies and exports are unaffected; nothing changes outside CPU autocast.
@@ -106,9 +108,13 @@ def keep_depthwise_in_float32(model: nn.Module) -> int:
     Returns:
         How many convolutions were changed.
     """
+    chosen = {id(m) for extra in also for m in extra.modules()}
     changed = 0
     for module in model.modules():
-        if type(module) is nn.Conv2d and module.groups > 1 and module.groups == module.in_channels:
+        if type(module) is not nn.Conv2d:
+            continue
+        depthwise = module.groups > 1 and module.groups == module.in_channels
+        if depthwise or id(module) in chosen:
             module.__class__ = Float32DepthwiseConv2d
             changed += 1
     return changed
@@ -132,14 +138,18 @@ def compile_modules(modules: list[nn.Module]) -> None:
         module.compile()
 
 
-def prepare_for_training(model: nn.Module, owner: str, train_autocast: str) -> None:
+def prepare_for_training(
+    model: nn.Module, owner: str, train_autocast: str, float32: Iterable[nn.Module] = ()
+) -> None:
     """What a task does to its freshly built model: check ``train_autocast`` and keep the
-    depthwise convolutions fp32 under CPU autocast (:func:`keep_depthwise_in_float32`).
+    depthwise convolutions, and every convolution in ``float32``, fp32 under CPU autocast
+    (:func:`keep_depthwise_in_float32`).
 
     Args:
         model: the task's model (before any EMA copy, so that the copy is alike).
         owner: the task's name, for the error message.
         train_autocast: the task's argument, one of :data:`AUTOCAST_MODES`.
+        float32: submodules whose convolutions all stay fp32 under CPU autocast.
 
     Raises:
         ValueError: ``train_autocast`` is not one of :data:`AUTOCAST_MODES`.
@@ -148,7 +158,7 @@ def prepare_for_training(model: nn.Module, owner: str, train_autocast: str) -> N
         raise ValueError(
             f"{owner}: train_autocast must be one of {AUTOCAST_MODES}, got {train_autocast!r}"
         )
-    keep_depthwise_in_float32(model)
+    keep_depthwise_in_float32(model, float32)
 
 
 def step_autocast(mode: str, device: torch.device | str) -> contextlib.AbstractContextManager:
