@@ -1,6 +1,6 @@
 """mnv3det: a MobileNetV3 backbone plugin for detection and segmentation.
 
-Howard et al., "Searching for MobileNetV3", ICCV 2019. See DESIGN.md for the public API.
+Howard et al., "Searching for MobileNetV3", ICCV 2019. The public API is described in the README.
 """
 
 from mnv3det.backbone import FeatureInfo, MobileNetV3Backbone, mobilenet_v3

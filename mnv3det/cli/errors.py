@@ -2,7 +2,7 @@
 
 Errors a user causes (a wrong path, a bad config value, a checkpoint that does not fit) are raised
 as ``ValueError`` / ``FileNotFoundError`` / ``KeyError`` subclasses whose message names the file,
-key or argument and the fix (DESIGN.md, Conventions). The ``mnv3det`` command prints such an
+key or argument and the fix (the project's conventions). The ``mnv3det`` command prints such an
 error as ``mnv3det <command>: error: <message>`` and exits with status 2. ``--traceback`` (any
 position) or ``MNV3DET_TRACEBACK=1`` shows the full traceback instead; so does every other
 exception, which is a bug to report.

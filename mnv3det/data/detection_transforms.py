@@ -3,7 +3,7 @@
 SSD (Liu et al. 2016, §2.2 "Data augmentation", and its "zoom out" extension in §3.6) trains with:
 photometric distortion -> zoom-out ("expand") -> IoU-constrained random crop -> resize ->
 horizontal flip. torchvision's SSDLite recipe uses the crop and the flip; its SSD recipe and
-mmdetection's SSDLite add the photometric distortion and the zoom-out (see REFERENCE.md).
+mmdetection's SSDLite add the photometric distortion and the zoom-out.
 
 What albumentations 2.0.8 has and what is written here:
 

@@ -1,7 +1,7 @@
 """Albumentations pipelines for semantic segmentation (LR-ASPP on Cityscapes, paper §6.4).
 
 Training follows the published Cityscapes recipes (torchvision's segmentation references,
-mmsegmentation's LR-ASPP config, see REFERENCE.md): random rescale by 0.5-2.0, a random crop
+mmsegmentation's LR-ASPP config): random rescale by 0.5-2.0, a random crop
 (512x1024 by default), padded where the scaled image is smaller than the crop with 0 for the
 image and the ignore index 255 for the mask (the padding is not trained on), horizontal flip and
 photometric jitter. Masks are always resized with nearest-neighbour interpolation, so every mask
