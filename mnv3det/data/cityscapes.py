@@ -50,7 +50,12 @@ from mnv3det.data.image_io import (
     read_label_png,
     read_rgb,
 )
-from mnv3det.data.problems import DatasetStats, SkippedSample, drop_skipped
+from mnv3det.data.problems import (
+    DatasetStats,
+    SkippedSample,
+    drop_skipped,
+    unreadable_file_error,
+)
 from mnv3det.data.sampling import SampleKey, reseed_transforms, split_key
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -423,10 +428,7 @@ class SegmentationImageFolder(Dataset):
         for file_name, header in zip(files, headers, strict=True):
             if isinstance(header, Exception):
                 if on_error == "raise":
-                    raise type(header)(
-                        f"{header}; replace or remove the file, or set on_error='skip' "
-                        "(data.on_error: skip) to leave it out and list it"
-                    ) from header
+                    raise unreadable_file_error(header) from header
                 self.stats.add(file_name, "unreadable_file", str(header))
                 continue
             self.files.append(file_name)

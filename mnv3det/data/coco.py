@@ -66,7 +66,13 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from mnv3det.data.image_io import ImageHeader, ImageReadError, read_headers, read_rgb
-from mnv3det.data.problems import DatasetStats, SkippedSample, drop_skipped
+from mnv3det.data.problems import (
+    FILE_SKIP_HINT,
+    DatasetStats,
+    SkippedSample,
+    drop_skipped,
+    unreadable_file_error,
+)
 from mnv3det.data.sampling import SampleKey, reseed_transforms, split_key
 
 __all__ = [
@@ -87,7 +93,7 @@ __all__ = [
 
 LABEL_MAPS = ("contiguous", "torchvision91")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-SKIP_HINT = "or set on_error='skip' (data.on_error: skip) to leave it out and list it"
+SKIP_HINT = FILE_SKIP_HINT
 
 
 class CocoDataError(ValueError):
@@ -722,10 +728,7 @@ class DetectionImageFolder(Dataset):
         for position, (file_name, header) in enumerate(zip(files, headers, strict=True)):
             if isinstance(header, Exception):
                 if on_error == "raise":
-                    raise type(header)(
-                        f"{header}; replace or remove the file, or set on_error='skip' "
-                        "(data.on_error: skip) to leave it out and list it"
-                    ) from header
+                    raise unreadable_file_error(header) from header
                 reason = (
                     "missing_file" if isinstance(header, FileNotFoundError) else "unreadable_file"
                 )

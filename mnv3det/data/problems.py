@@ -31,6 +31,15 @@ from typing import Any
 
 import torch
 
+FILE_SKIP_HINT = "or set on_error='skip' (data.on_error: skip) to leave it out and list it"
+"""The fix a strict-mode error about one file suggests besides replacing the file."""
+
+
+def unreadable_file_error(err: Exception) -> Exception:
+    """``err`` (a file the header scan could not read) with the fix appended, same type."""
+    return type(err)(f"{err}; replace or remove the file, {FILE_SKIP_HINT}")
+
+
 __all__ = [
     "PROBLEM_COLUMNS",
     "REASONS",
