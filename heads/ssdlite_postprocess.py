@@ -148,19 +148,21 @@ def _keep_best(
     greedy NMS decides a box from the higher-scoring boxes of its group only. So NMS runs on
     the candidates scoring at least each image's ``m``-th best score (ties at that score
     included, so every group's subset is a prefix of its sorted row and its keep flags are
-    those of a full NMS). When an image keeps at least ``d`` of them, with no exactly equal
-    scores among its ``d + 1`` best kept, its ``d`` best are final: every candidate left out
-    scores lower. Otherwise ``m`` grows (to all candidates at worst, which is the full NMS).
-    With 90 classes x 300 candidates (27,000 boxes) and ``d = 300``, NMS on ``m = 2d`` boxes
-    takes under 1 ms where the full keep mask takes 7-17 ms on 2 cores, and keeps 350-520
-    of them on the benchmark's score distributions (``docs/deployment.md``).
+    those of a full NMS). When an image keeps at least ``d`` of them and its ``d``-th and
+    ``d + 1``-th kept scores differ, its ``d`` best are final: every candidate left out scores
+    lower. Otherwise ``m`` grows; a tie at the ``d``-th place among the subset's kept boxes is
+    final, and then all candidates go through NMS so that the tie is broken as torchvision
+    breaks it (by sorting the image's whole kept list). With 90 classes x 300 candidates
+    (27,000 boxes) and ``d = 300``, NMS on ``m = 2d`` boxes takes under 1 ms where the full
+    keep mask takes 6-17 ms on 2 cores, and keeps 350-520 of them on the benchmark's score
+    distributions (``docs/deployment.md``).
 
     Args:
         boxes: ``(N * G, K, 4)`` candidate boxes (``G`` groups per image).
         top_scores: ``(N, G, K)`` scores, each row sorted in decreasing order, ``-1`` padding.
         iou: NMS IoU threshold.
         score_thresh: scores at or below it are not candidates.
-        d: detections per image.
+        d: detections per image (at most ``G * K``).
 
     Returns:
         ``(N * G, K)`` bool: the full NMS keep flags of every candidate scoring at least the
@@ -168,7 +170,8 @@ def _keep_best(
     """
     n = top_scores.shape[0]
     flat = top_scores.reshape(n, -1)
-    total = int((flat > score_thresh).sum(1).max())
+    per_image = (flat > score_thresh).sum(1)
+    total = int(per_image.max())
     m = min(2 * d, total)
     while True:
         cut = flat.topk(max(m, 1), dim=1).values[:, -1:]  # (N, 1): each image's m-th score
@@ -179,11 +182,16 @@ def _keep_best(
         kept = torch.where(keep.view(n, -1), flat, -1.0)
         best = kept.topk(min(d + 1, kept.shape[1]), dim=1).values
         counts = (best > score_thresh).sum(1)
-        ties = ((best[:, 1:] == best[:, :-1]) & (best[:, 1:] > score_thresh)).any(1)
-        everything = (flat > score_thresh).sum(1) <= m  # the image's subset is all of it
-        if bool((everything | ((counts >= d) & ~ties)).all()):
+        tie = torch.zeros_like(counts, dtype=torch.bool)
+        if best.shape[1] > d:  # the d-th and (d+1)-th kept scores are equal
+            tie = (best[:, d - 1] == best[:, d]) & (best[:, d] > score_thresh)
+        done = (per_image <= m) | ((counts >= d) & ~tie)
+        if bool(done.all()):
             return keep
-        short = int(counts.min().clamp(min=1))
+        if bool((counts[~done] > d).all()):  # only final ties left: the full NMS decides
+            m = total
+            continue
+        short = int(counts[~done].min().clamp(min=1))
         m = min(total, max(2 * m, -(-m * (d + 1) * 5 // (4 * short))))
 
 

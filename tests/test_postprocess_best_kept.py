@@ -88,3 +88,21 @@ def test_dense_outputs_equal_a_full_nms(monkeypatch) -> None:
     for a, b in zip(lazy, reference, strict=True):
         assert torch.equal(a, b)
     assert lazy[3].tolist() == [50, 50]
+
+
+def test_a_tie_at_the_last_place_goes_through_the_full_nms(monkeypatch) -> None:
+    """Random BatchNorm statistics give many exactly equal scores (flat feature regions); a tie
+    between the 300th and 301st kept box is broken by torchvision's sort of *all* kept boxes,
+    so every candidate goes through NMS and the detections stay torchvision's."""
+    from mnv3det.deploy.benchmark.zoo import torchvision_model
+
+    tv = torchvision_model("ssdlite", random_bn=True)
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 480, 640)
+    apply_score_regime(tv, "heavy", image)
+    ours = load_model(tv.state_dict(), builder="ssdlite").eval()
+    sizes = _nms_sizes(monkeypatch)
+    with torch.no_grad():
+        expected, got = tv(list(image)), ours(image)
+    _assert_same(expected, got)
+    assert sizes[0] < 1000 and sizes[-1] > 20_000  # tie found on a subset, then all of them
