@@ -5,6 +5,8 @@
 :mod:`mnv3det.deploy.int8` (``--int8`` also writes ``FILE.int8.onnx`` or ``--int8-output``).
 ``python tools/export.py`` is the same command.
 
+``--format openvino`` writes the ONNX file and its OpenVINO IR (``FILE.xml`` + ``.bin``; with
+``--int8`` also ``FILE.int8.xml``), see :mod:`mnv3det.deploy.openvino`.
 ``--format executorch`` writes an ExecuTorch ``.pte`` instead (XNNPACK; fixed ``--input-size``;
 ``--int8`` is PT2E int8 into ``FILE.int8.pte``), see :mod:`mnv3det.deploy.executorch`;
 ``--format litert`` explains why there is no LiteRT file (see ``docs/deployment.md``).
@@ -149,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Export SSDLite (with decoding + NMS) or LR-ASPP to ONNX; optionally int8.",
     )
     add_model_arguments(parser)
-    parser.add_argument("--output", required=True, help="output .onnx / .pte file")
+    parser.add_argument("--output", required=True, help="output .onnx / .xml / .pte file")
     parser.add_argument("--score-thresh", type=float, default=None)
     parser.add_argument("--nms-thresh", type=float, default=None)
     parser.add_argument("--topk-candidates", type=int, default=None)
@@ -189,9 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--format",
-        choices=("onnx", "executorch", "litert"),
+        choices=("onnx", "openvino", "executorch", "litert"),
         default="onnx",
-        help="onnx: .onnx (onnxruntime); executorch: .pte for phones (pip install "
+        help="onnx: .onnx (onnxruntime); openvino: the .onnx and its OpenVINO IR .xml/.bin "
+        "(pip install 'mnv3det[openvino]'); executorch: .pte for phones (pip install "
         "'mnv3det[mobile]'); litert: not available (says why)",
     )
     parser.add_argument(
@@ -204,11 +207,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.int8 and args.calib_root is None:
         parser.error("--int8 needs --calib-root DIR (images to calibrate the activation ranges)")
-    if args.format != "onnx":
+    if args.format in ("executorch", "litert"):
         return _export_mobile(args)
     try:
         model = build_model(args)
         output = Path(args.output)
+        if args.format == "openvino":
+            from mnv3det.deploy.openvino import require_openvino
+
+            require_openvino()  # before the export, not after it
+            if output.suffix != ".xml":
+                raise ValueError(f"--format openvino writes an .xml file; got --output {output}")
+            ir_output, output = output, output.with_suffix(".onnx")
         if args.model == "ssdlite":
             export_ssdlite(
                 model,
@@ -222,8 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             export_lraspp(model, output, fuse=not args.no_fuse)  # normalises inside
         print(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB)")
-        if args.check:
-            print(check_onnx(model, output, args.model))
+        written = [output]
         if args.int8:
             int8 = Path(args.int8_output or output.with_suffix(".int8.onnx"))
             images = calibration_images(
@@ -238,10 +247,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                 float_prediction_layers=args.float_prediction_layers,
             )
             print(f"wrote {int8} ({int8.stat().st_size / 1e6:.1f} MB)")
+            written.append(int8)
+        runtime = "onnxruntime"
+        if args.format == "openvino":
+            written = _convert_openvino(written, ir_output)
+            runtime = "openvino"
+        if args.check:
+            for path in written:
+                print(f"{path.name}: {check_onnx(model, path, args.model, runtime=runtime)}")
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"mnv3det export: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _convert_openvino(onnx_files: list[Path], ir_output: Path) -> list[Path]:
+    """OpenVINO IR of the written ONNX files: ``--output`` for the float one, ``.int8.xml``
+    beside it for the int8 one."""
+    from mnv3det.deploy.openvino import export_openvino
+
+    written = []
+    for i, onnx_file in enumerate(onnx_files):
+        xml = ir_output if i == 0 else ir_output.with_suffix(".int8.xml")
+        export_openvino(onnx_file, xml)
+        size = (xml.stat().st_size + xml.with_suffix(".bin").stat().st_size) / 1e6
+        print(f"wrote {xml} + .bin ({size:.1f} MB; OpenVINO IR of {onnx_file.name})")
+        written.append(xml)
+    return written
 
 
 if __name__ == "__main__":

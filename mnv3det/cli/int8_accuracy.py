@@ -128,6 +128,7 @@ def int8_accuracy(
     float_prediction_layers: bool = False,
     log: Callable[[str], None] = print,
     recipes: Sequence[str] | None = None,
+    openvino: bool = False,
     **model_options: Any,
 ) -> dict[str, dict[str, float]]:
     """Validation metrics of the PyTorch model, its ONNX fp32 export and its int8 version.
@@ -144,6 +145,8 @@ def int8_accuracy(
         log: progress messages.
         recipes: calibration recipes (:func:`parse_recipe`), one int8 model each, named
             ``onnx_int8[RECIPE]``; ``None``: one ``onnx_int8`` with the defaults.
+        openvino: also run the fp32 ONNX file in OpenVINO, in float32 and in bf16
+            (``openvino_fp32`` / ``openvino_bf16``; needs the ``openvino`` extra).
         **model_options: ``arch``, ``num_classes``, ``width_mult``, ``reduced_tail``, ``size``
             (SSDLite) for :func:`~mnv3det.models.from_checkpoint.load_model` (``None`` = the
             checkpoint's) or the trained model.
@@ -175,7 +178,7 @@ def int8_accuracy(
     model.eval()
     if kind == "ssdlite":
         fp32 = export_ssdlite(model, workdir / f"{kind}.onnx")
-        onnx_model = lambda path: OnnxDetector(path, model.size, model.num_classes)  # noqa: E731
+        onnx_model = lambda path, **kw: OnnxDetector(path, model.size, model.num_classes, **kw)  # noqa: E731
     else:
         fp32 = export_lraspp(model, workdir / f"{kind}.onnx")
         onnx_model = OnnxSegmenter
@@ -200,6 +203,10 @@ def int8_accuracy(
     results = {}
     candidates = [("pytorch", model, {}), ("onnx_fp32", onnx_model(fp32), {})]
     candidates += [(n, onnx_model(path), cost) for n, (path, cost) in int8_models.items()]
+    if openvino:
+        for precision in ("fp32", "bf16"):
+            runner = onnx_model(fp32, runtime="openvino", bf16=precision == "bf16")
+            candidates.append((f"openvino_{precision}", runner, {}))
     for name, candidate, cost in candidates:
         task.model = candidate
         (logged,) = _trainer(workdir).validate(task, datamodule=data, verbose=False)
@@ -249,6 +256,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "one int8 model each (e.g. minmax,entropy,percentile:99.9,percentile:99.99/per-tensor); "
         "default: one int8 model with quantize_onnx's defaults",
     )
+    parser.add_argument(
+        "--openvino",
+        action="store_true",
+        help="also validate the fp32 ONNX file run by OpenVINO in float32 and in bf16 "
+        "(pip install 'mnv3det[openvino]')",
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(list(argv) if argv is not None else None)
     if not Path(args.data_root).exists():
@@ -271,6 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         float_prediction_layers=args.float_prediction_layers,
         log=lambda s: print(s, file=sys.stderr),
         recipes=recipes,
+        openvino=args.openvino,
         **{k: getattr(args, k) for k in ("arch", "num_classes", "width_mult", "reduced_tail")},
         size=args.size if args.model == "ssdlite" else None,
     )

@@ -34,6 +34,7 @@ from mnv3det.deploy.wrappers import SegmenterDeploy, SSDLiteDeploy
 from mnv3det.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
+    "RUNTIMES",
     "ExportError",
     "OnnxDetector",
     "OnnxSegmenter",
@@ -205,24 +206,25 @@ def export_lraspp(
     return export_onnx(deploy, example, path, ("logits",), dynamic_hw=True)
 
 
-def check_onnx(model: nn.Module, path: str | Path, kind: str, seed: int = 0) -> str:
-    """Run ``path`` in onnxruntime and the PyTorch ``model`` on the same random batch."""
-    import numpy as np
+def check_onnx(
+    model: nn.Module, path: str | Path, kind: str, seed: int = 0, runtime: str = "onnxruntime"
+) -> str:
+    """Run ``path`` (in onnxruntime or OpenVINO) and the PyTorch ``model`` on one random batch.
 
+    Returns:
+        A one-line report: detections per image of both (SSDLite) or the largest logit
+        difference (LR-ASPP).
+    """
     gen = torch.Generator().manual_seed(seed)
     size = tuple(model.size) if kind == "ssdlite" else (256, 512)
     images = torch.rand(2, 3, *size, generator=gen)
-    session = onnx_session(path)
-    outputs = session.run(None, {"images": images.numpy()})
+    outputs = _OnnxModel(path, runtime=runtime).run(images)
     with torch.no_grad():
         if kind == "ssdlite":
-            ref = model.eval()(images)
-            counts = [len(r["scores"]) for r in ref]
-            return (
-                f"check: onnxruntime detections per image {outputs[3].tolist()}, PyTorch {counts}"
-            )
-        ref = SegmenterDeploy(model.eval())(images).numpy()
-    return f"check: max |logits difference| = {float(np.abs(outputs[0] - ref).max()):.2e}"
+            counts = [len(r["scores"]) for r in model.eval()(images)]
+            return f"check: {runtime} detections per image {outputs[3].tolist()}, PyTorch {counts}"
+        ref = SegmenterDeploy(model.eval())(images)
+    return f"check: {runtime} max |logits difference| = {float((outputs[0] - ref).abs().max()):.2e}"
 
 
 # ----------------------------------------------------------------------------- running
@@ -246,18 +248,49 @@ def onnx_session(path: str | Path, threads: int | None = None, passive: bool = F
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-class _OnnxModel(nn.Module):
-    """An exported graph in onnxruntime, called like the PyTorch model it came from."""
+RUNTIMES = ("onnxruntime", "openvino")
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+
+class _OnnxModel(nn.Module):
+    """An exported graph in onnxruntime or OpenVINO, called like the PyTorch model it came from.
+
+    Args:
+        path: the ``.onnx`` file (or, for OpenVINO, its ``.xml`` conversion).
+        threads: intra-op threads (``None``: the runtime's default).
+        runtime: ``"onnxruntime"`` or ``"openvino"`` (:func:`mnv3det.deploy.openvino.
+            compile_openvino`, float32 unless ``bf16``).
+        bf16: OpenVINO only: run in bf16 (fast on CPUs with AVX512-BF16 / AMX).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        threads: int | None = None,
+        runtime: str = "onnxruntime",
+        bf16: bool = False,
+    ) -> None:
         super().__init__()
-        self.path = Path(path)
-        self.session = onnx_session(path, threads)
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+        if bf16 and runtime != "openvino":
+            raise ValueError("bf16=True needs runtime='openvino' (onnxruntime runs float32)")
+        self.path, self.runtime = Path(path), runtime
+        if runtime == "openvino":
+            from mnv3det.deploy.openvino import compile_openvino
+
+            self.compiled = compile_openvino(path, threads=threads, bf16=bf16)
+        else:
+            self.session = onnx_session(path, threads)
 
     def run(self, images: Tensor) -> list[Tensor]:
         """The graph's outputs for ``images (N, 3, H, W)`` in ``[0, 1]``, as CPU tensors."""
         array = images.detach().float().cpu().contiguous().numpy()
-        return [torch.from_numpy(out) for out in self.session.run(None, {"images": array})]
+        if self.runtime == "openvino":
+            result = self.compiled(array)
+            outputs = [result[port] for port in self.compiled.outputs]
+        else:
+            outputs = self.session.run(None, {"images": array})
+        return [torch.from_numpy(out.copy()) for out in outputs]
 
 
 class OnnxDetector(_OnnxModel):
@@ -268,7 +301,9 @@ class OnnxDetector(_OnnxModel):
         path: the ``.onnx`` file (:func:`export_ssdlite`, fp32 or int8).
         size: the model's network input ``(H, W)`` (tasks check it against the data module).
         num_classes: the model's classes, background included.
-        threads: onnxruntime intra-op threads.
+        threads: intra-op threads.
+        runtime: ``"onnxruntime"`` or ``"openvino"``.
+        bf16: OpenVINO in bf16.
     """
 
     def __init__(
@@ -277,8 +312,10 @@ class OnnxDetector(_OnnxModel):
         size: tuple[int, int],
         num_classes: int,
         threads: int | None = None,
+        runtime: str = "onnxruntime",
+        bf16: bool = False,
     ) -> None:
-        super().__init__(path, threads)
+        super().__init__(path, threads, runtime, bf16)
         self.size, self.num_classes = tuple(size), num_classes
 
     def forward(self, images: Tensor | Sequence[Tensor]) -> list[dict[str, Tensor]]:
@@ -302,7 +339,9 @@ class OnnxSegmenter(_OnnxModel):
 
     Args:
         path: the ``.onnx`` file (:func:`export_lraspp`, fp32 or int8).
-        threads: onnxruntime intra-op threads.
+        threads: intra-op threads.
+        runtime: ``"onnxruntime"`` or ``"openvino"``.
+        bf16: OpenVINO in bf16.
     """
 
     def forward(self, images: Tensor) -> Tensor:

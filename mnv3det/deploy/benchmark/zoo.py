@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from heads.label_map import bilinear_argmax
 from mnv3det.deploy.fast import FastSSDLite, optimize_for_inference
 from mnv3det.deploy.onnx import onnx_session
+from mnv3det.deploy.openvino import compile_openvino
 from mnv3det.deploy.wrappers import SSDLiteDeploy
 from mnv3det.models.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from mnv3det.weights import read_state_dict
@@ -41,7 +42,6 @@ __all__ = [
     "apply_score_regime",
     "config_runner",
     "count_madds",
-    "openvino_model",
     "our_model",
     "parity",
     "torchvision_model",
@@ -156,29 +156,6 @@ def apply_score_regime(model: nn.Module, regime: str, image: Tensor) -> dict:
     }
 
 
-def openvino_model(path: str | Path, threads: int, bf16: bool, shape: tuple[int, ...]):
-    """An ONNX file compiled by OpenVINO for the CPU (static ``shape``, latency hint).
-
-    Args:
-        path: the ``.onnx`` file.
-        threads: ``INFERENCE_NUM_THREADS``.
-        bf16: ``INFERENCE_PRECISION_HINT`` bf16 (OpenVINO's default where the CPU has it)
-            instead of f32.
-        shape: the input shape to compile for.
-    """
-    import openvino as ov
-
-    core = ov.Core()
-    model = core.read_model(str(path))
-    model.reshape({"images": list(shape)})
-    config = {
-        "INFERENCE_NUM_THREADS": threads,
-        "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
-        "PERFORMANCE_HINT": "LATENCY",
-    }
-    return core.compile_model(model, "CPU", config)
-
-
 def our_model(kind: str, state: Mapping[str, Tensor]) -> nn.Module:
     """Ours with torchvision's weights, rebuilt by
     :func:`mnv3det.models.from_checkpoint.load_model` (it reads the tail and the classes from
@@ -251,9 +228,9 @@ def config_runner(spec: dict) -> tuple[Callable, Callable]:
         onnx_file = spec["onnx_fp32"]
         shape = (spec["batch"], 3, *spec["input_size"])
         bf16 = config.endswith("bf16")
-        compiled = openvino_model(onnx_file, spec["threads"], bf16, shape)
+        compiled = compile_openvino(onnx_file, spec["threads"], bf16, shape)
         if kind == "ssdlite":
-            net_compiled = openvino_model(spec["onnx_fp32_network"], spec["threads"], bf16, shape)
+            net_compiled = compile_openvino(spec["onnx_fp32_network"], spec["threads"], bf16, shape)
 
             def e2e(x: Tensor):
                 return compiled(x.numpy())
