@@ -13,6 +13,7 @@ from test_inference import assert_same_detections, spread_head
 
 import mnv3det
 from mnv3det.cli.export import main as export_main
+from mnv3det.deploy.onnx import OnnxSegmenter
 from mnv3det.deploy.wrappers import SegmenterDeploy, dense_to_list
 
 ort = pytest.importorskip("onnxruntime")
@@ -94,6 +95,29 @@ def test_lraspp_onnx_logits_match_with_dynamic_size(lraspp_export, shape):
         ref = SegmenterDeploy(model)(images).numpy()
     assert logits.shape == ref.shape == (shape[0], 19, *shape[2:])
     np.testing.assert_allclose(logits, ref, atol=1e-3, rtol=0)
+
+
+def test_lraspp_low_res_logits_give_the_label_map(tmp_path, capsys):
+    """``--low-res-logits``: the graph stops before the final upsampling; OnnxSegmenter
+    upsamples (same logits as the model) and its label map equals the model's predict_labels."""
+    torch.manual_seed(0)
+    model = randomize_bn_stats(mnv3det.lraspp("large", num_classes=19, width_mult=0.5)).eval()
+    weights = tmp_path / "lraspp.pt"
+    torch.save(model.state_dict(), weights)
+    output = tmp_path / "lraspp_low.onnx"
+    args = ["--model", "lraspp", "--width-mult", "0.5", "--weights", str(weights)]
+    assert export_main([*args, "--low-res-logits", "--output", str(output), "--check"]) == 0
+    assert "max |logits difference|" in capsys.readouterr().out
+    assert [o.name for o in session(output).get_outputs()] == ["low_logits"]
+    segmenter = OnnxSegmenter(output, threads=2)
+    images = torch.rand(2, 3, 160, 296, generator=torch.Generator().manual_seed(2))
+    (low,) = session(output).run(None, {"images": images.numpy()})
+    assert low.shape == (2, 19, 20, 37)
+    with torch.no_grad():
+        torch.testing.assert_close(segmenter(images), model(images), atol=1e-3, rtol=0)
+        assert torch.equal(segmenter.predict_labels(images), model.predict_labels(images))
+    with pytest.raises(SystemExit):  # SSDLite has no such output
+        export_main(["--model", "ssdlite", "--low-res-logits", "--output", str(output)])
 
 
 def test_export_cli_errors(tmp_path, capsys):

@@ -157,6 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--topk-candidates", type=int, default=None)
     parser.add_argument("--detections-per-img", type=int, default=None)
     parser.add_argument("--no-fuse", action="store_true", help="keep BatchNorms in the graph")
+    parser.add_argument(
+        "--low-res-logits",
+        action="store_true",
+        help="LR-ASPP: output the stride-8 logits (low_logits) instead of full-size logits; "
+        "OnnxSegmenter.predict_labels computes the label map from them (much faster)",
+    )
     parser.add_argument("--int8", action="store_true", help="also write a static int8 model")
     parser.add_argument("--int8-output", default=None, help="int8 file (FILE.int8.onnx)")
     parser.add_argument(
@@ -205,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--batch", type=int, default=1, help="executorch: images per call")
     args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.low_res_logits and args.model != "lraspp":
+        parser.error("--low-res-logits is for --model lraspp")
     if args.int8 and args.calib_root is None:
         parser.error("--int8 needs --calib-root DIR (images to calibrate the activation ranges)")
     if args.format in ("executorch", "litert"):
@@ -230,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 detections_per_img=args.detections_per_img,
             )
         else:
-            export_lraspp(model, output, fuse=not args.no_fuse)  # normalises inside
+            export_lraspp(model, output, fuse=not args.no_fuse, low_res=args.low_res_logits)
         print(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB)")
         written = [output]
         if args.int8:

@@ -26,8 +26,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from heads.label_map import bilinear_argmax
 from heads.ssdlite_postprocess import dense_to_list
 from mnv3det.deploy.fast import fuse_conv_bn
 from mnv3det.deploy.wrappers import SegmenterDeploy, SSDLiteDeploy
@@ -184,6 +186,7 @@ def export_lraspp(
     example_size: tuple[int, int] = (256, 512),
     mean: tuple[float, float, float] = IMAGENET_MEAN,
     std: tuple[float, float, float] = IMAGENET_STD,
+    low_res: bool = False,
 ) -> Path:
     """Export LR-ASPP (ours or torchvision's) with normalisation and dynamic batch/H/W.
 
@@ -196,14 +199,18 @@ def export_lraspp(
             ``[0, 1]`` input itself (torchvision's; ours does, see
             :class:`~mnv3det.deploy.wrappers.SegmenterDeploy`).
         std: normalisation std for such a model.
+        low_res: output ``low_logits`` (the stride-8 logits before the final upsampling)
+            instead of full-size ``logits``; :class:`OnnxSegmenter` upsamples them, or computes
+            the label map from them directly (:meth:`OnnxSegmenter.predict_labels`).
 
     Returns:
         The written path.
     """
     model = fuse_conv_bn(model) if fuse else model.eval()
-    deploy = SegmenterDeploy(model, mean, std)
+    deploy = SegmenterDeploy(model, mean, std, low_res=low_res)
     example = torch.rand(2, 3, *example_size)
-    return export_onnx(deploy, example, path, ("logits",), dynamic_hw=True)
+    names = ("low_logits",) if low_res else ("logits",)
+    return export_onnx(deploy, example, path, names, dynamic_hw=True)
 
 
 def check_onnx(
@@ -218,13 +225,14 @@ def check_onnx(
     gen = torch.Generator().manual_seed(seed)
     size = tuple(model.size) if kind == "ssdlite" else (256, 512)
     images = torch.rand(2, 3, *size, generator=gen)
-    outputs = _OnnxModel(path, runtime=runtime).run(images)
     with torch.no_grad():
         if kind == "ssdlite":
+            outputs = _OnnxModel(path, runtime=runtime).run(images)
             counts = [len(r["scores"]) for r in model.eval()(images)]
             return f"check: {runtime} detections per image {outputs[3].tolist()}, PyTorch {counts}"
         ref = SegmenterDeploy(model.eval())(images)
-    return f"check: {runtime} max |logits difference| = {float((outputs[0] - ref).abs().max()):.2e}"
+    got = OnnxSegmenter(path, runtime=runtime)(images)  # full size, also from low-res logits
+    return f"check: {runtime} max |logits difference| = {float((got - ref).abs().max()):.2e}"
 
 
 # ----------------------------------------------------------------------------- running
@@ -337,6 +345,10 @@ class OnnxDetector(_OnnxModel):
 class OnnxSegmenter(_OnnxModel):
     """An LR-ASPP ONNX export called like the model: ``model(images in [0, 1])`` -> logits.
 
+    A file exported with ``low_res=True`` (output ``low_logits``) is upsampled here, and its
+    :meth:`predict_labels` computes the label map from the stride-8 logits
+    (:func:`heads.label_map.bilinear_argmax`) instead of upsampling every class.
+
     Args:
         path: the ``.onnx`` file (:func:`export_lraspp`, fp32 or int8).
         threads: intra-op threads.
@@ -344,6 +356,32 @@ class OnnxSegmenter(_OnnxModel):
         bf16: OpenVINO in bf16.
     """
 
+    def __init__(
+        self,
+        path: str | Path,
+        threads: int | None = None,
+        runtime: str = "onnxruntime",
+        bf16: bool = False,
+    ) -> None:
+        super().__init__(path, threads, runtime, bf16)
+        if runtime == "openvino":
+            names = self.compiled.outputs[0].get_names()
+        else:
+            names = {self.session.get_outputs()[0].name}
+        self.low_res = "low_logits" in names
+
     def forward(self, images: Tensor) -> Tensor:
         """Logits ``(N, C, H, W)`` on ``images``' device."""
-        return self.run(images)[0].to(images.device)
+        logits = self.run(images)[0]
+        if self.low_res:
+            logits = F.interpolate(
+                logits, size=images.shape[-2:], mode="bilinear", align_corners=False
+            )
+        return logits.to(images.device)
+
+    def predict_labels(self, images: Tensor) -> Tensor:
+        """``(N, H, W)`` int64 label map (as :meth:`mnv3det.models.lraspp.LRASPP.predict_labels`)."""
+        logits = self.run(images)[0]
+        if self.low_res:
+            return bilinear_argmax(logits, tuple(images.shape[-2:])).to(images.device)
+        return logits.argmax(1).to(images.device)

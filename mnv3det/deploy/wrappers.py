@@ -95,11 +95,18 @@ class SegmenterDeploy(nn.Module):
     (its ``normalize``); it is called as it is. A model without that (torchvision's LR-ASPP
     takes normalised images) gets ``mean``/``std`` applied first.
 
+    With ``low_res=True`` it returns the classifier's stride-8 logits instead (no final
+    upsampling): a deployment that wants the label map computes it from them with
+    :func:`heads.label_map.bilinear_argmax` (what :class:`mnv3det.deploy.onnx.OnnxSegmenter`
+    does for such a file), far cheaper than upsampling every class to full size first.
+
     Args:
         model: e.g. :class:`mnv3det.models.lraspp.LRASPP` (returns a logits tensor) or
             torchvision's LR-ASPP (returns ``{"out": logits}``; ``"out"`` is taken).
         mean: per-channel normalisation mean for a model that does not normalise (ImageNet).
         std: per-channel normalisation std for such a model.
+        low_res: return the logits before the final upsampling (``(N, C, ceil(H/8),
+            ceil(W/8))`` for LR-ASPP's output stride 8).
     """
 
     def __init__(
@@ -107,13 +114,21 @@ class SegmenterDeploy(nn.Module):
         model: nn.Module,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
+        low_res: bool = False,
     ) -> None:
         super().__init__()
         self.model = model.eval()
+        self.low_res = low_res
         owns_input = isinstance(getattr(model, "normalize", None), Normalize)
         self.normalize = nn.Identity() if owns_input else Normalize(mean, std)
 
     def forward(self, images: Tensor) -> Tensor:
-        """Logits at the input resolution for ``images (N, 3, H, W)`` in ``[0, 1]``."""
+        """Logits at the input resolution (or stride 8, ``low_res``) for ``images (N, 3, H,
+        W)`` in ``[0, 1]``."""
+        if self.low_res:  # ours: features() normalises; torchvision's: backbone + our Normalize
+            features = getattr(self.model, "features", None)
+            if callable(features):
+                return self.model.classifier(features(images))
+            return self.model.classifier(self.model.backbone(self.normalize(images)))["out"]
         out = self.model(self.normalize(images))
         return out["out"] if isinstance(out, dict) else out

@@ -136,7 +136,7 @@ def prepare(
         info["onnx_fp32_network"] = str(network)
         calib_size = input_size
     else:
-        export_lraspp(ours, fp32)
+        export_lraspp(ours, fp32, low_res=True)  # label map from the stride-8 logits
         # MinMax calibration keeps every activation of a batch in memory: calibrate at half
         # resolution (activation ranges do not depend on the image size).
         calib_size = (input_size[0] // 2, input_size[1] // 2)

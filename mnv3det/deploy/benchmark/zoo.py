@@ -212,6 +212,22 @@ def _ssdlite_stages(pre: Callable, net: Callable, post: Callable) -> Callable:
     return stages
 
 
+def _label_map_runner(low_logits: Callable[[Tensor], Tensor]) -> tuple[Callable, Callable]:
+    """``(e2e, stages)`` of an LR-ASPP graph with stride-8 ``low_logits`` output (the runner's
+    export): network, then the label map by :func:`heads.label_map.bilinear_argmax`, as the
+    *ours* rows compute it."""
+
+    def e2e(x: Tensor) -> Tensor:
+        return bilinear_argmax(low_logits(x), tuple(x.shape[-2:]))
+
+    def stages(x: Tensor):
+        logits = low_logits(x)
+        size = tuple(x.shape[-2:])
+        return [("network", lambda: low_logits(x)), ("post", lambda: bilinear_argmax(logits, size))]
+
+    return e2e, stages
+
+
 def config_runner(spec: dict) -> tuple[Callable, Callable]:
     """``(end_to_end(images), stages(images) -> [(stage name, thunk), ...])`` of one config.
 
@@ -243,14 +259,7 @@ def config_runner(spec: dict) -> tuple[Callable, Callable]:
         def ov_net(x: Tensor):
             return torch.from_numpy(compiled(x.numpy())[0])
 
-        def e2e(x: Tensor):
-            return ov_net(x).argmax(1)
-
-        def stages(x: Tensor):
-            logits = ov_net(x)
-            return [("network", lambda: ov_net(x)), ("post", lambda: logits.argmax(1))]
-
-        return e2e, stages
+        return _label_map_runner(ov_net)
     if config.startswith("onnx"):
         session = onnx_session(spec[config], spec["threads"], spec.get("passive", False))
         if kind == "ssdlite":
@@ -269,14 +278,7 @@ def config_runner(spec: dict) -> tuple[Callable, Callable]:
         def seg_net(x: Tensor):
             return torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
 
-        def e2e(x: Tensor):
-            return seg_net(x).argmax(1)
-
-        def stages(x: Tensor):
-            logits = seg_net(x)
-            return [("network", lambda: seg_net(x)), ("post", lambda: logits.argmax(1))]
-
-        return e2e, stages
+        return _label_map_runner(seg_net)
 
     state, _ = read_state_dict(spec["weights"])
     model = torchvision_model(kind, state) if config == "torchvision" else our_model(kind, state)
