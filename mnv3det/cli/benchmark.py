@@ -68,6 +68,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "timings 10-40x through spin-waiting thread pools",
     )
     parser.add_argument(
+        "--reuse-freed-memory",
+        action="store_true",
+        help="every row's process keeps freed memory for reuse instead of page-faulting large "
+        "activations in again on each call (glibc; mnv3det.deploy.memory); a large effect on "
+        "LR-ASPP at 1024x2048, for torchvision too",
+    )
+    parser.add_argument(
         "--ssdlite-weights",
         default=None,
         help="torchvision ssdlite320_mobilenet_v3_large checkpoint to time instead of random "
@@ -139,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         random_bn=args.random_bn,
         regimes=regimes,
         load=load,
+        reuse_memory=args.reuse_freed_memory,
     )
     parities = {r["model"]: r["parity"] for r in rows if "parity" in r}
     notes = [
@@ -154,6 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{r['regime']} scores: {st['candidates']} (anchor, class) scores above 0.001 "
                 f"per image{'' if st['distinct'] else ' (with exactly equal scores)'}."
             )
+    if args.reuse_freed_memory:
+        notes.append(
+            "--reuse-freed-memory: every row's process keeps freed memory for reuse "
+            "(glibc M_MMAP_MAX=0, no trimming)."
+        )
     if load is not None:
         warnings = busy_warnings(load.get("before"), load.get("after"))
         b, a = load.get("before"), load.get("after")

@@ -44,6 +44,7 @@ from mnv3det.deploy.benchmark.zoo import (
 )
 from mnv3det.deploy.fast import fuse_conv_bn
 from mnv3det.deploy.int8 import quantize_onnx
+from mnv3det.deploy.memory import reuse_freed_memory
 from mnv3det.deploy.onnx import export_lraspp, export_onnx, export_ssdlite
 
 __all__ = ["BenchmarkError", "prepare", "run_benchmark", "run_worker"]
@@ -56,6 +57,8 @@ class BenchmarkError(ValueError):
 def run_worker(spec: dict) -> dict:
     """Time one configuration in this process; returns ms/image statistics and peak RSS."""
     torch.set_num_threads(spec["threads"])
+    if spec.get("reuse_memory"):
+        reuse_freed_memory()  # before the first large allocation of this worker
     gen = torch.Generator().manual_seed(0)
     h, w = spec["input_size"]
     images = torch.rand(spec["batch"], 3, h, w, generator=gen)
@@ -192,6 +195,7 @@ def run_benchmark(
     random_bn: bool = False,
     regimes: Sequence[str | None] = (None,),
     load: dict | None = None,
+    reuse_memory: bool = False,
 ) -> list[dict]:
     """Time every (model, config, batch) and return the result rows (see module docstring).
 
@@ -204,7 +208,8 @@ def run_benchmark(
     ``regimes``: SSDLite score distributions, each timed as its own model
     (:func:`~mnv3det.deploy.benchmark.zoo.apply_score_regime`). ``load``, when given, receives
     :func:`~mnv3det.deploy.benchmark.timing.machine_load` before (``"before"``) and after
-    (``"after"``) the timings.
+    (``"after"``) the timings. ``reuse_memory`` applies
+    :func:`mnv3det.deploy.memory.reuse_freed_memory` in every worker (every row alike).
     """
     if rounds < 1:
         raise BenchmarkError(f"rounds must be >= 1, got {rounds}")
@@ -250,6 +255,7 @@ def run_benchmark(
                         "warmup": warmup,
                         "stage_iters": max(3, n_iter // 2),
                         "passive": passive,
+                        "reuse_memory": reuse_memory,
                     }
                     row = _spawn(spec) if subprocesses else run_worker(spec)
                     row.update(
