@@ -152,7 +152,9 @@ def _keep_best(
     ``d + 1``-th kept scores differ, its ``d`` best are final: every candidate left out scores
     lower. Otherwise ``m`` grows; a tie at the ``d``-th place among the subset's kept boxes is
     final, and then all candidates go through NMS so that the tie is broken as torchvision
-    breaks it (by sorting the image's whole kept list). With 90 classes x 300 candidates
+    breaks it (by sorting the image's whole kept list). Exactly equal scores *inside* the ``d``
+    best are the same detections as torchvision's but may be listed in another order (its
+    order among them is that of an unstable sort of the whole list). With 90 classes x 300 candidates
     (27,000 boxes) and ``d = 300``, NMS on the first ``m = 3d`` boxes takes about 1 ms where
     the full keep mask takes 6-17 ms on 2 cores; 45-85 % of them are kept on the benchmark's
     score distributions, so one round suffices (``docs/deployment.md``).
