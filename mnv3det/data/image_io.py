@@ -23,9 +23,10 @@ training (``tools/scan_speed.py`` measures it).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,42 @@ def _tail_ok(path: Path, image_format: str | None) -> bool:
     return b"\xff\xd9" in tail
 
 
+@contextlib.contextmanager
+def _open_image(path: Path, what: str = "image") -> Iterator[Image.Image]:
+    """``Image.open`` with this module's errors, the one place every reader opens a file.
+
+    A missing file raises ``FileNotFoundError``; a file PIL cannot read (while opening or while
+    the caller decodes it inside the ``with``) raises :class:`ImageReadError` naming it.
+    Decompression-bomb *warnings* are silenced (large images are legitimate data); PIL's
+    error for absurd sizes is still an :class:`ImageReadError`.
+
+    Args:
+        path: the file.
+        what: the word for it in messages (``"image"``, ``"label"``).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                yield image
+    except (*_READ_ERRORS, Image.DecompressionBombError) as err:
+        message = _describe(path, err)
+        if what != "image":
+            message = message.replace("image", f"{what} image", 1)
+        raise ImageReadError(message) from err
+
+
+def _describe(path: Path, err: BaseException) -> str:
+    if path.is_file() and path.stat().st_size == 0:
+        return f"cannot read image {path}: the file is empty (0 bytes)"
+    text = str(err) or type(err).__name__
+    if "truncated" in text.lower():
+        return f"cannot read image {path}: the file is truncated ({text})"
+    return f"cannot read image {path}: {text}"
+
+
 def read_header(path: str | Path) -> ImageHeader:
     """Read the format and upright size of an image file without decoding its pixels.
 
@@ -121,36 +158,18 @@ def read_header(path: str | Path) -> ImageHeader:
         ImageReadError: the file is empty, not an image PIL knows, or truncated (names the file).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                orientation = _orientation(image)
-                # stored size (PIL's TIFF reader reports the size after the orientation)
-                width, height = getattr(image, "_tile_size", None) or image.size
-                if not _tail_ok(path, image.format):
-                    image.load()  # truncated, or trailing bytes after the end marker?
-                header = ImageHeader(
-                    path, str(image.format), image.mode, width, height, orientation
-                )
-    except (*_READ_ERRORS, Image.DecompressionBombError) as err:
-        raise ImageReadError(_describe(path, err)) from err
+    with _open_image(path) as image:
+        orientation = _orientation(image)
+        # stored size (PIL's TIFF reader reports the size after the orientation)
+        width, height = getattr(image, "_tile_size", None) or image.size
+        if not _tail_ok(path, image.format):
+            image.load()  # truncated, or trailing bytes after the end marker?
+        header = ImageHeader(path, str(image.format), image.mode, width, height, orientation)
     if orientation in (5, 6, 7, 8):
         header = ImageHeader(path, header.format, header.mode, height, width, orientation)
     if header.width < 1 or header.height < 1:
         raise ImageReadError(f"cannot read image {path}: it has no pixels ({width}x{height})")
     return header
-
-
-def _describe(path: Path, err: BaseException) -> str:
-    if path.is_file() and path.stat().st_size == 0:
-        return f"cannot read image {path}: the file is empty (0 bytes)"
-    text = str(err) or type(err).__name__
-    if "truncated" in text.lower():
-        return f"cannot read image {path}: the file is truncated ({text})"
-    return f"cannot read image {path}: {text}"
 
 
 def _bit_depth(image: Image.Image, array: np.ndarray) -> int:
@@ -198,29 +217,21 @@ def read_rgb(path: str | Path) -> np.ndarray:
         FileNotFoundError: the file does not exist.
         ImageReadError: the file is not a readable image (names the file).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()
-                image = ImageOps.exif_transpose(image)
-                if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-                    image = _to_8bit(image)
-                has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-                    image.mode == "P" and "transparency" in image.info
-                )
-                if has_alpha:
-                    # Composite on black rather than dropping alpha with convert("RGB") on an
-                    # undefined background: transparent pixels get a deterministic colour.
-                    image = image.convert("RGBA")
-                    background = Image.new("RGBA", image.size, (0, 0, 0, 255))
-                    image = Image.alpha_composite(background, image)
-                return np.array(image.convert("RGB"), dtype=np.uint8)
-    except (*_READ_ERRORS, Image.DecompressionBombError) as err:
-        raise ImageReadError(_describe(path, err)) from err
+    with _open_image(Path(path)) as image:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            image = _to_8bit(image)
+        has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+            image.mode == "P" and "transparency" in image.info
+        )
+        if has_alpha:
+            # Composite on black rather than dropping alpha with convert("RGB") on an
+            # undefined background: transparent pixels get a deterministic colour.
+            image = image.convert("RGBA")
+            background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+            image = Image.alpha_composite(background, image)
+        return np.array(image.convert("RGB"), dtype=np.uint8)
 
 
 def read_label_png(path: str | Path) -> np.ndarray:
@@ -233,13 +244,8 @@ def read_label_png(path: str | Path) -> np.ndarray:
         ImageReadError: the file cannot be decoded or has more than one channel.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"label file not found: {path}")
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image)
-    except (*_READ_ERRORS, Image.DecompressionBombError) as err:
-        raise ImageReadError(_describe(path, err).replace("image", "label image", 1)) from err
+    with _open_image(path, what="label") as image:
+        array = np.asarray(image)
     if array.ndim != 2:
         raise ImageReadError(
             f"label image {path} has shape {array.shape}; expected a single-channel (L or P "
