@@ -3,6 +3,8 @@ give the same outputs as the unfused models (detections identical, logits within
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from conftest import randomize_bn_stats
@@ -105,6 +107,23 @@ def test_fast_ssdlite_same_detections_batched(channels_last):
         assert len(a["scores"]) > 0
         assert_same_detections(a, b)
         assert torch.all(b["scores"][:-1] >= b["scores"][1:])  # sorted like torchvision
+
+
+@pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None,
+    reason="torch.compile's CPU backend needs a C++ compiler",
+)
+def test_fast_ssdlite_compiled_same_detections():
+    """``compile=True`` (Inductor, freezing): the same detections as the eager model."""
+    model = small_ssdlite()
+    fast = FastSSDLite(model, channels_last=True, compile=True)
+    images = torch.rand(2, 3, 100, 140, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(images)
+        out = fast(images)
+    for a, b in zip(ref, out, strict=True):
+        assert len(a["scores"]) > 0
+        assert_same_detections(a, b)
 
 
 def test_fast_ssdlite_mixed_sizes_and_thresholds():

@@ -94,6 +94,11 @@ class FastSSDLite(nn.Module):
         bf16: run the network under ``torch.autocast("cpu", torch.bfloat16)`` (fast on CPUs
             with AVX512-BF16 / AMX; post-processing stays float32). Detections then differ
             slightly from float32 (accuracy cost in docs/deployment.md).
+        compile: compile the network with ``torch.compile`` (Inductor, ``freezing``: weights
+            folded in as constants, oneDNN convolution fusions). The first call per batch size
+            compiles (about 7 s on 2 cores; needs a C++ compiler); then the network takes ~25 %
+            less time on the benchmark CPU. Outputs equal the eager network's up to float
+            rounding. The post-processing is not compiled (data-dependent NMS).
         **thresholds: ``score_thresh``, ``nms_thresh``, ``topk_candidates``,
             ``detections_per_img`` overrides (``None`` keeps the model's).
     """
@@ -103,12 +108,18 @@ class FastSSDLite(nn.Module):
         model: nn.Module,
         channels_last: bool = False,
         bf16: bool = False,
+        compile: bool = False,
         **thresholds: float | int | None,
     ) -> None:
         super().__init__()
         self.channels_last = channels_last
         self.bf16 = bf16
         self.model = optimize_for_inference(model, channels_last=channels_last)
+        self._head_outputs = self.model.head_outputs
+        if compile:
+            self._head_outputs = torch.compile(
+                self.model.head_outputs, dynamic=False, options={"freezing": True}
+            )
         for name, value in thresholds.items():
             if not hasattr(self.model, name):
                 raise TypeError(f"FastSSDLite: unknown threshold {name!r}")
@@ -125,9 +136,9 @@ class FastSSDLite(nn.Module):
     def network(self, batch: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """Backbone, extra blocks and heads on a pre-processed batch: ``(outputs, anchors)``."""
         if not self.bf16:
-            return self.model.head_outputs(batch)
+            return self._head_outputs(batch)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            outputs, anchors = self.model.head_outputs(batch)
+            outputs, anchors = self._head_outputs(batch)
         return {k: v.float() for k, v in outputs.items()}, anchors.float()
 
     def postprocess(

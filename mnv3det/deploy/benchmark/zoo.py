@@ -9,6 +9,8 @@ configurations of :data:`CONFIGS`:
 * ``eager``: our model as trained (BatchNorms, our batched post-processing);
 * ``fused`` / ``fused_cl``: :class:`~mnv3det.deploy.fast.FastSSDLite` /
   :func:`~mnv3det.deploy.fast.optimize_for_inference` (conv+BN folded; CL = channels_last);
+  ``fused_cl_bf16`` under bf16 autocast, ``fused_cl_compiled`` with ``torch.compile``
+  (Inductor with freezing; the compilation happens in the warm-up calls);
 * ``onnx_fp32`` / ``onnx_int8``: onnxruntime, CPU provider, all graph optimisations;
 * ``executorch_fp32`` / ``executorch_int8``: the ``.pte`` programs in ExecuTorch's runtime
   (XNNPACK; :mod:`mnv3det.deploy.benchmark.mobile`).
@@ -53,6 +55,7 @@ CONFIGS = (
     "fused",
     "fused_cl",
     "fused_cl_bf16",
+    "fused_cl_compiled",
     "onnx_fp32",
     "onnx_int8",
     "openvino_fp32",
@@ -66,6 +69,7 @@ LABELS = {
     "fused": "ours fused",
     "fused_cl": "ours fused+CL",
     "fused_cl_bf16": "ours fused+CL bf16",
+    "fused_cl_compiled": "ours fused+CL compiled",
     "onnx_fp32": "ONNX fp32",
     "onnx_int8": "ONNX int8",
     "openvino_fp32": "OpenVINO fp32 (our ONNX)",
@@ -313,7 +317,10 @@ def config_runner(spec: dict) -> tuple[Callable, Callable]:
                 lambda x: model.preprocess(x)[:2], model.head_outputs, model.postprocess
             )
         fast = FastSSDLite(
-            model, channels_last=config.startswith("fused_cl"), bf16=config.endswith("bf16")
+            model,
+            channels_last=config.startswith("fused_cl"),
+            bf16=config.endswith("bf16"),
+            compile=config.endswith("compiled"),
         )
         return fast, _ssdlite_stages(fast.preprocess, fast.network, fast.postprocess)
 
@@ -340,9 +347,15 @@ def config_runner(spec: dict) -> tuple[Callable, Callable]:
 
     else:
 
+        def low_logits(y: Tensor) -> Tensor:
+            return model.classifier(model.features(y))
+
+        if config.endswith("compiled"):
+            low_logits = torch.compile(low_logits, dynamic=False, options={"freezing": True})
+
         def net(y: Tensor) -> Tensor:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                return model.classifier(model.features(y)).float()
+                return low_logits(y).float()
 
         def post(logits: Tensor, size: tuple[int, int]) -> Tensor:
             return bilinear_argmax(logits, size)
