@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from heads.label_map import bilinear_argmax
-from mnv3det.deploy.fast import FastSSDLite, optimize_for_inference
+from mnv3det.deploy.fast import FastSSDLite, compile_frozen, optimize_for_inference
 from mnv3det.deploy.onnx import onnx_session
 from mnv3det.deploy.openvino import compile_openvino
 from mnv3det.deploy.wrappers import SSDLiteDeploy
@@ -351,7 +351,7 @@ def config_runner(spec: dict) -> tuple[Callable, Callable]:
             return model.classifier(model.features(y))
 
         if config.endswith("compiled"):
-            low_logits = torch.compile(low_logits, dynamic=False, options={"freezing": True})
+            low_logits = compile_frozen(low_logits)
 
         def net(y: Tensor) -> Tensor:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
