@@ -294,11 +294,13 @@ class _OnnxModel(nn.Module):
         """The graph's outputs for ``images (N, 3, H, W)`` in ``[0, 1]``, as CPU tensors."""
         array = images.detach().float().cpu().contiguous().numpy()
         if self.runtime == "openvino":
+            # the arrays are views of the compiled model's output buffers, which its next call
+            # overwrites: copy them; onnxruntime returns fresh arrays
             result = self.compiled(array)
-            outputs = [result[port] for port in self.compiled.outputs]
+            outputs = [result[port].copy() for port in self.compiled.outputs]
         else:
             outputs = self.session.run(None, {"images": array})
-        return [torch.from_numpy(out.copy()) for out in outputs]
+        return [torch.from_numpy(out) for out in outputs]
 
 
 class OnnxDetector(_OnnxModel):
