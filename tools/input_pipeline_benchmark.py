@@ -663,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     import torchvision
     from PIL import features
 
-    from mnv3det.deploy.benchmark.timing import busy_warnings, machine_load
+    from mnv3det.deploy.benchmark.timing import load_report, machine_load
 
     args = parse_args(argv)
     if args.threads:
@@ -697,13 +697,8 @@ def main(argv: list[str] | None = None) -> int:
         "device); ours resizes in the loader. The '+ resize in loader' rows add that resize "
         "(bilinear F.interpolate per image) to the reference's loader for comparable work."
     )
-    for line in busy_warnings(before or {}, after) if before else []:
-        print(f"WARNING (busy machine): {line}")
-    if before and after:
-        print(
-            f"load average {before['loadavg']:.1f} before, {after['loadavg']:.1f} after "
-            f"({os.cpu_count()} CPUs)"
-        )
+    for line in load_report(before, after):
+        print(line)
     return 0
 
 

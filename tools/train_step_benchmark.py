@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mnv3det.deploy.benchmark.timing import busy_warnings, machine_load
+from mnv3det.deploy.benchmark.timing import load_report, machine_load
 from mnv3det.help_format import DefaultsHelpFormatter
 from mnv3det.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 from mnv3det.tasks.optim import sgd_with_schedule
@@ -274,13 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             results[kind] = interleaved(steps, args.rounds, args.warmup)
     after = None if args.no_load_check else machine_load(threads)
     print(table(results, setting))
-    for line in busy_warnings(before or {}, after) if before else []:
-        print(f"WARNING (busy machine): {line}")
-    if before and after:
-        print(
-            f"load average {before['loadavg']:.1f} before, {after['loadavg']:.1f} after "
-            f"({os.cpu_count()} CPUs)"
-        )
+    for line in load_report(before, after):
+        print(line)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
@@ -13,6 +14,7 @@ import torch
 
 __all__ = [
     "busy_warnings",
+    "load_report",
     "machine_load",
     "merge_rounds",
     "peak_rss_mb",
@@ -95,8 +97,6 @@ def machine_load(threads: int, seconds: float = 1.0, calibration_runs: int = 15)
         (all processes, over ``seconds``), "steal": fraction stolen by the hypervisor,
         "calib_ms": median calibration time, "calib_spread": p90 / p10}``.
     """
-    import os
-
     cpus = os.cpu_count() or 1
     first = _cpu_times()
     time.sleep(seconds)
@@ -159,3 +159,18 @@ def busy_warnings(before: dict, after: dict | None = None) -> list[str]:
                 "after: the machine's speed changed during the run"
             )
     return out
+
+
+def load_report(before: dict | None, after: dict | None) -> list[str]:
+    """The lines a benchmark tool prints under its table: one ``WARNING (busy machine)`` line
+    per :func:`busy_warnings` entry, then the load averages before and after (nothing when the
+    load was not measured)."""
+    if not before:
+        return []
+    lines = [f"WARNING (busy machine): {w}" for w in busy_warnings(before, after)]
+    if after:
+        lines.append(
+            f"load average {before['loadavg']:.1f} before, {after['loadavg']:.1f} after "
+            f"({os.cpu_count()} CPUs)"
+        )
+    return lines
