@@ -221,12 +221,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = build_model(args)
         output = Path(args.output)
         if args.format == "openvino":
-            from mnv3det.deploy.openvino import require_openvino
+            from mnv3det.deploy.openvino import check_ir_path, require_openvino
 
-            require_openvino()  # before the export, not after it
-            if output.suffix != ".xml":
-                raise ValueError(f"--format openvino writes an .xml file; got --output {output}")
-            ir_output, output = output, output.with_suffix(".onnx")
+            require_openvino()  # both before the export, not after it
+            ir_output = check_ir_path(output)
+            output = output.with_suffix(".onnx")
         if args.model == "ssdlite":
             export_ssdlite(
                 model,

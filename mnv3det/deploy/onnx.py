@@ -287,8 +287,10 @@ class _OnnxModel(nn.Module):
             from mnv3det.deploy.openvino import compile_openvino
 
             self.compiled = compile_openvino(path, threads=threads, bf16=bf16)
+            self.output_names = [port.get_any_name() for port in self.compiled.outputs]
         else:
             self.session = onnx_session(path, threads)
+            self.output_names = [out.name for out in self.session.get_outputs()]
 
     def run(self, images: Tensor) -> list[Tensor]:
         """The graph's outputs for ``images (N, 3, H, W)`` in ``[0, 1]``, as CPU tensors."""
@@ -358,19 +360,10 @@ class OnnxSegmenter(_OnnxModel):
         bf16: OpenVINO in bf16.
     """
 
-    def __init__(
-        self,
-        path: str | Path,
-        threads: int | None = None,
-        runtime: str = "onnxruntime",
-        bf16: bool = False,
-    ) -> None:
-        super().__init__(path, threads, runtime, bf16)
-        if runtime == "openvino":
-            names = self.compiled.outputs[0].get_names()
-        else:
-            names = {self.session.get_outputs()[0].name}
-        self.low_res = "low_logits" in names
+    @property
+    def low_res(self) -> bool:
+        """Whether the file outputs the stride-8 ``low_logits`` (``export_lraspp(low_res=True)``)."""
+        return self.output_names[0] == "low_logits"
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits ``(N, C, H, W)`` on ``images``' device."""

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["compile_openvino", "export_openvino", "require_openvino"]
+__all__ = ["check_ir_path", "compile_openvino", "export_openvino", "require_openvino"]
 
 
 def require_openvino() -> Any:
@@ -31,6 +31,15 @@ def require_openvino() -> Any:
             "OpenVINO is not installed: pip install 'mnv3det[openvino]' (or pip install openvino)"
         ) from err
     return openvino
+
+
+def check_ir_path(output: str | Path) -> Path:
+    """``output`` as a :class:`~pathlib.Path`, or a :class:`ValueError` when it does not name
+    an ``.xml`` file (OpenVINO IR is an ``.xml`` with its weights in the ``.bin`` beside it)."""
+    output = Path(output)
+    if output.suffix != ".xml":
+        raise ValueError(f"OpenVINO IR is written to an .xml file; got {output}")
+    return output
 
 
 def export_openvino(onnx_path: str | Path, output: str | Path) -> Path:
@@ -45,9 +54,7 @@ def export_openvino(onnx_path: str | Path, output: str | Path) -> Path:
         The ``.xml`` path.
     """
     ov = require_openvino()
-    output = Path(output)
-    if output.suffix != ".xml":
-        raise ValueError(f"--output for --format openvino must end in .xml, got {output}")
+    output = check_ir_path(output)
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"no ONNX file at {onnx_path}")
