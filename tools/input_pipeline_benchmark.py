@@ -416,11 +416,7 @@ class _CocoWithAnnotations(torch.utils.data.Dataset):
     (images without annotations left out, as the reference's training set does)."""
 
     def __init__(self, root: Path, split: str) -> None:
-        from torchvision.datasets import CocoDetection
-
-        ann_file = root / "annotations" / f"instances_{split}.json"
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.coco = CocoDetection(str(root / split), str(ann_file))
+        self.coco = coco_detection(root, split)
         self.indices = [
             i
             for i, image_id in enumerate(self.coco.ids)
@@ -441,15 +437,7 @@ def reference_v1_pipeline(root: Path, split: str, batch: int, workers: int, seed
     dataset = _CocoWithAnnotations(root, split)
 
     def make_loader() -> DataLoader:
-        torch.manual_seed(seed)
-        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
-        return DataLoader(
-            dataset,
-            batch_sampler=BatchSampler(sampler, batch, drop_last=False),
-            num_workers=workers,
-            collate_fn=reference_collate,
-            generator=torch.Generator().manual_seed(seed),
-        )
+        return reference_loader(dataset, batch, workers, seed)
 
     augmentation = (
         "ssdlite preset, default v1 path: masks decoded from polygons, IoU crop, flip; no resize"
@@ -464,6 +452,33 @@ def reference_collate(batch: Sequence[Any]) -> tuple[Any, ...]:
     return tuple(zip(*batch))
 
 
+def coco_detection(root: Path, split: str, transforms: Any = None) -> Any:
+    """torchvision's ``CocoDetection`` of ``root``'s ``split`` (pycocotools' prints silenced)."""
+    from torchvision.datasets import CocoDetection
+
+    ann_file = root / "annotations" / f"instances_{split}.json"
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints while loading
+        return CocoDetection(str(root / split), str(ann_file), transforms=transforms)
+
+
+def reference_loader(dataset: Any, batch: int, workers: int, seed: int) -> DataLoader:
+    """The reference recipe's training loader over ``dataset``, seeded.
+
+    ``train.py`` batches by aspect ratio (``GroupedBatchSampler``, full batches only); a plain
+    random ``BatchSampler`` with ``drop_last=False`` here, so that every pipeline loads every
+    image.
+    """
+    torch.manual_seed(seed)  # augmentation in the main process (workers=0)
+    sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        dataset,
+        batch_sampler=BatchSampler(sampler, batch, drop_last=False),
+        num_workers=workers,
+        collate_fn=reference_collate,
+        generator=torch.Generator().manual_seed(seed),  # worker seeds
+    )
+
+
 def reference_pipeline(
     root: Path,
     split: str,
@@ -474,26 +489,13 @@ def reference_pipeline(
     seed: int,
 ) -> Pipeline:
     """torchvision's reference training loader for ``preset`` (see the module docstring)."""
-    from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
+    from torchvision.datasets import wrap_dataset_for_transforms_v2
 
-    transforms = ReferenceTransforms(preset, resize)
-    ann_file = root / "annotations" / f"instances_{split}.json"
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints while loading
-        dataset = CocoDetection(str(root / split), str(ann_file), transforms=transforms)
+    dataset = coco_detection(root, split, ReferenceTransforms(preset, resize))
     dataset = wrap_dataset_for_transforms_v2(dataset, target_keys=("boxes", "labels", "image_id"))
 
     def make_loader() -> DataLoader:
-        torch.manual_seed(seed)  # augmentation in the main process (workers=0)
-        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
-        # train.py batches by aspect ratio (GroupedBatchSampler, full batches only); a plain
-        # random BatchSampler with drop_last=False here, so that both pipelines load every image.
-        return DataLoader(
-            dataset,
-            batch_sampler=BatchSampler(sampler, batch, drop_last=False),
-            num_workers=workers,
-            collate_fn=reference_collate,
-            generator=torch.Generator().manual_seed(seed),  # worker seeds
-        )
+        return reference_loader(dataset, batch, workers, seed)
 
     if preset == "ssd":
         augmentation = "ssd preset: photometric (p=0.5), zoom-out (p=0.5, <=4x), IoU crop, flip"
