@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -49,6 +50,13 @@ class LastCheckpoint(ModelCheckpoint):
     callback. Files are written atomically by Lightning (a kill while saving leaves the previous
     ``last.ckpt`` intact).
 
+    The state is taken where Lightning resumes it exactly (``on_train_batch_end``), but Lightning
+    logs that step's metrics only after the hook returns. The file is therefore written at the
+    next point where nothing has changed the taken state yet and the step's row is already in
+    the loggers' files (the next batch's start, validation start, epoch start or end, the end
+    of training, an exception). A run killed in between resumes from the previous
+    ``last.ckpt`` and logs the steps after it again, so ``metrics.csv`` never misses a step.
+
     Args:
         dirpath: folder of ``last.ckpt`` (``None``: the run folder's ``checkpoints/``, like
             every Lightning checkpoint callback).
@@ -71,6 +79,7 @@ class LastCheckpoint(ModelCheckpoint):
         )
         self.every_n_steps = every_n_train_steps
         self._validated_at_step: int | None = None
+        self._pending: tuple[dict[str, Any], str] | None = None
 
     @property
     def state_key(self) -> str:
@@ -87,6 +96,53 @@ class LastCheckpoint(ModelCheckpoint):
     def _save_last(self, trainer: L.Trainer) -> None:
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         self._last_global_step_saved = trainer.global_step
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        """Take the state now (``Trainer.save_checkpoint``'s first half); write it later."""
+        self._write_pending(trainer)
+        self._pending = (
+            trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only),
+            filepath,
+        )
+        self._last_global_step_saved = trainer.global_step
+
+    def _write_pending(self, trainer: L.Trainer) -> None:
+        """Write the taken state (``Trainer.save_checkpoint``'s second half) and tell the loggers.
+
+        The taken dict holds references to the weights and optimiser buffers; every caller runs
+        before anything can change them (the next optimiser step, forward pass or EMA update).
+        """
+        if self._pending is None:
+            return
+        checkpoint, filepath = self._pending
+        self._pending = None
+        trainer.strategy.save_checkpoint(checkpoint, filepath)
+        trainer.strategy.barrier("LastCheckpoint.write")
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._write_pending(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write_pending(trainer)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write_pending(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write_pending(trainer)
+        super().on_train_end(trainer, pl_module)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._write_pending(trainer)
+        super().on_exception(trainer, pl_module, exception)
 
     def on_train_batch_end(
         self,
