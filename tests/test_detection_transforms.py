@@ -227,6 +227,24 @@ def test_train_pipeline_options():
     np.testing.assert_allclose(out["bboxes"], boxes * np.array([0.4, 0.4, 0.4, 0.4]), atol=1e-3)
 
 
+def test_small_boxes_are_judged_at_the_output_size():
+    """``min_box_size`` is in output pixels: the filter runs after the resize, not before."""
+    image = np.full((100, 100, 3), 128, dtype=np.uint8)
+    boxes = np.array([[10, 10, 10.8, 30], [50, 50, 80, 80]], dtype=np.float32)  # 0.8 px wide
+    labels = np.array([1, 2])
+    bare = dict(photometric=False, zoom_out=False, iou_crop=False, hflip_p=0, min_box_size=1.0)
+    up = train_transforms(320, **bare)(image=image, bboxes=boxes, labels=labels)
+    assert list(up["labels"]) == [1, 2]  # 2.56 px wide after the 3.2x resize: kept
+    np.testing.assert_allclose(up["bboxes"][0], [32, 32, 34.56, 96], atol=1e-3)
+    down = train_transforms(50, **bare)(image=image, bboxes=boxes, labels=labels)
+    assert list(down["labels"]) == [2]  # 0.4 px wide after the 0.5x resize: dropped
+    # the same after a min-IoU crop that keeps the whole image, with the pipeline's flip
+    crop = dict(photometric=False, zoom_out=False, min_ious=(1.0,), hflip_p=1.0)
+    flipped = train_transforms(320, **crop)(image=image, bboxes=boxes, labels=labels)
+    assert list(flipped["labels"]) == [1, 2]
+    np.testing.assert_allclose(flipped["bboxes"][0], [320 - 34.56, 32, 320 - 32, 96], atol=1e-3)
+
+
 def test_eval_pipeline_is_identity():
     image, boxes, labels = painted()
     out = eval_transforms()(image=image, bboxes=boxes, labels=labels)
