@@ -41,6 +41,42 @@ def test_loaders_and_label_space(shapes):
     assert dm.train_dataset.num_classes == dm.num_classes
 
 
+def test_uint8_batches_scale_to_the_same_floats_after_transfer(shapes):
+    """Training batches travel as one uint8 tensor (stacked in the workers' shared memory) and
+    ``on_after_batch_transfer`` gives exactly the float images of ``uint8_batches=False``."""
+    batches = {}
+    for compact in (True, False):
+        dm = CocoDataModule(
+            shapes, size=64, batch_size=4, num_workers=2, seed=0, uint8_batches=compact
+        )
+        dm.setup("fit")
+        batches[compact] = list(dm.train_dataloader())
+        if not compact:
+            continue
+        images, _ = batches[compact][0]
+        assert isinstance(images, torch.Tensor) and images.dtype == torch.uint8
+        assert images.shape == (4, 3, 64, 64)
+        # the other loaders keep float images in a list
+        val_images, _ = next(iter(dm.val_dataloader()))
+        assert isinstance(val_images, list) and val_images[0].dtype == torch.float32
+        assert dm.on_after_batch_transfer((val_images, None), 0)[0][0] is val_images[0]
+    assert len(batches[True]) == len(batches[False]) == 3
+    for (compact, targets_a), (floats, targets_b) in zip(batches[True], batches[False]):
+        scaled, targets = dm.on_after_batch_transfer((compact, targets_a), 0)
+        assert isinstance(scaled, list) and isinstance(floats, list) and targets is targets_a
+        assert scaled[0].dtype == torch.float32 and scaled[0].shape == (3, 64, 64)
+        assert torch.equal(torch.stack(scaled), torch.stack(floats))
+        for a, b in zip(targets_a, targets_b):
+            assert a["image_id"] == b["image_id"] and torch.equal(a["boxes"], b["boxes"])
+    # a list of uint8 images (training without the resize) is scaled image by image
+    ragged = [
+        torch.full((3, 2, 3), 255, dtype=torch.uint8),
+        torch.zeros(3, 4, 1, dtype=torch.uint8),
+    ]
+    out, _ = dm.on_after_batch_transfer((ragged, []), 0)
+    assert [o.dtype for o in out] == [torch.float32] * 2 and out[0].eq(1).all()
+
+
 def test_torchvision91_and_no_augmentation(shapes):
     dm = CocoDataModule(shapes, label_map="torchvision91", augment=False, num_workers=0)
     assert dm.num_classes == 91 and dm.label_to_cat_id[12] == 12

@@ -65,6 +65,7 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from mnv3det.data.batches import image_to_uint8_tensor
 from mnv3det.data.image_io import ImageHeader, ImageReadError, read_headers, read_rgb
 from mnv3det.data.problems import (
     FILE_SKIP_HINT,
@@ -216,7 +217,8 @@ def _make_coco(data: dict[str, Any]) -> COCO:
 class CocoDetection(Dataset):
     """COCO-format detection data set: items ``(image, target)`` in torchvision's conventions.
 
-    ``image`` is a float ``(3, H, W)`` tensor in [0, 1]; ``target`` has ``"boxes"`` (float
+    ``image`` is a float ``(3, H, W)`` tensor in [0, 1] (uint8 pixels with
+    ``uint8_images=True``); ``target`` has ``"boxes"`` (float
     ``(N, 4)`` xyxy in pixels of the returned image), ``"labels"`` (int64 ``(N,)``, 1..K, see the
     module docstring for the mapping), ``"image_id"`` (int, COCO's id) and ``"orig_size"``
     (``(H, W)`` of the decoded file, before transforms).
@@ -237,6 +239,8 @@ class CocoDetection(Dataset):
         image_dir: image folder, overriding ``root/{split}``.
         min_box_size: boxes narrower or lower than this (pixels, after clipping) are dropped.
         scan_threads: threads of the header scan (``None``: ``min(32, 4 * CPUs)``).
+        uint8_images: return images as uint8 ``(3, H, W)`` tensors, not scaled to [0, 1]: the
+            compact training batches of :mod:`mnv3det.data.batches`, scaled on the device.
 
     Raises:
         FileNotFoundError: the annotation file or the image folder does not exist.
@@ -260,6 +264,7 @@ class CocoDetection(Dataset):
         image_dir: str | Path | None = None,
         min_box_size: float = 1.0,
         scan_threads: int | None = None,
+        uint8_images: bool = False,
     ) -> None:
         _check_choice("label_map", label_map, LABEL_MAPS)
         _check_choice("empty_images", empty_images, ("keep", "skip"))
@@ -271,6 +276,7 @@ class CocoDetection(Dataset):
         self.empty_images = empty_images
         self.on_error = on_error
         self.min_box_size = float(min_box_size)
+        self.uint8_images = uint8_images
         self.ann_file = (
             Path(ann_file)
             if ann_file is not None
@@ -618,6 +624,8 @@ class CocoDetection(Dataset):
             "image_id": int(image_id),
             "orig_size": (int(height), int(width)),
         }
+        if self.uint8_images:
+            return image_to_uint8_tensor(image), target
         return image_to_tensor(image), target
 
     def __repr__(self) -> str:

@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from mnv3det.data.batches import collate_stacked, images_to_float
 from mnv3det.data.coco import (
     IMAGE_EXTENSIONS,
     CocoDataError,
@@ -83,6 +85,14 @@ class CocoDataModule(ResumableTrainData, DataReport, L.LightningDataModule):
             augmentation is a function of (seed, epoch, image), whatever the number of workers,
             so a resumed run (``--ckpt_path last``) equals an uninterrupted one
             (:mod:`mnv3det.data.sampling`).
+        uint8_batches: training batches leave the loader as one uint8 ``(N, 3, H, W)`` tensor
+            (a list when the sizes differ, as with ``augment: false``);
+            :meth:`on_after_batch_transfer` scales them to [0, 1] on the training device and
+            hands the training step the usual list of float images
+            (:mod:`mnv3det.data.batches`): a quarter of the bytes between worker processes and
+            to the GPU, the same values. A loop of your own over ``train_dataloader()`` calls
+            ``on_after_batch_transfer(batch, 0)`` after moving the batch, or sets this to
+            ``False`` (float images in [0, 1] in a list, as from the other loaders).
     """
 
     def __init__(
@@ -103,6 +113,7 @@ class CocoDataModule(ResumableTrainData, DataReport, L.LightningDataModule):
         zoom_out_max_scale: float = 4.0,
         photometric: bool = True,
         seed: int | None = None,
+        uint8_batches: bool = True,
     ) -> None:
         super().__init__()
         if label_map not in ("contiguous", "torchvision91"):
@@ -132,6 +143,7 @@ class CocoDataModule(ResumableTrainData, DataReport, L.LightningDataModule):
         self.zoom_out_max_scale = zoom_out_max_scale
         self.photometric = photometric
         self.seed = seed
+        self.uint8_batches = uint8_batches
         self.train_dataset: CocoDetection | None = None
         self.val_dataset: CocoDetection | None = None
         self.test_dataset: CocoDetection | None = None
@@ -214,6 +226,7 @@ class CocoDataModule(ResumableTrainData, DataReport, L.LightningDataModule):
             label_map=self.label_map,
             empty_images=self.empty_images if train else "keep",
             on_error=self.on_error,
+            uint8_images=train and self.uint8_batches,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -343,10 +356,21 @@ class CocoDataModule(ResumableTrainData, DataReport, L.LightningDataModule):
             self.train_dataset,
             self.batch_size,
             num_workers=self.num_workers,
-            collate_fn=collate_detection,
+            collate_fn=collate_stacked if self.uint8_batches else collate_detection,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Scale uint8 training images to float32 in [0, 1] where the batch now is (Lightning
+        calls this after moving every batch to the device) and hand them on as a list of
+        ``(3, H, W)`` images, torchvision's detection convention, like every other loader's
+        batches (which pass unchanged)."""
+        images, *rest = batch
+        images = images_to_float(images)
+        if isinstance(images, torch.Tensor):
+            images = list(images.unbind(0))
+        return (images, *rest)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, shuffle=False, name="val")
