@@ -94,7 +94,6 @@ __all__ = [
 
 LABEL_MAPS = ("contiguous", "torchvision91")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-SKIP_HINT = FILE_SKIP_HINT
 
 
 class CocoDataError(ValueError):
@@ -336,7 +335,7 @@ class CocoDetection(Dataset):
                     CocoDataError(
                         f"{self.ann_file}: images[{position}] is {str(entry)[:80]!r}, not an "
                         "object with an integer 'id' and a 'file_name'; fix or remove it, "
-                        + SKIP_HINT
+                        + FILE_SKIP_HINT
                     ),
                 )
                 continue
@@ -352,7 +351,7 @@ class CocoDetection(Dataset):
                     CocoDataError(
                         f"{self.ann_file}: image id {image_id} is listed {len(names)} times "
                         f"({names}); its annotations cannot be told apart. Give every image its "
-                        "own id, " + SKIP_HINT + " (every entry with that id)"
+                        "own id, " + FILE_SKIP_HINT + " (every entry with that id)"
                     ),
                 )
         self._dropped_ids = duplicates  # their annotations are not "unknown image ids"
@@ -405,7 +404,7 @@ class CocoDetection(Dataset):
                     UnknownImageIdError(
                         f"annotation id {ann['id']} in {self.ann_file} has image_id "
                         f"{ann['image_id']!r}, which is not among the file's images; fix its "
-                        "image_id or remove it, " + SKIP_HINT
+                        "image_id or remove it, " + FILE_SKIP_HINT
                     ),
                 )
         image_ids = sorted(self.coco.imgs)
@@ -458,7 +457,7 @@ class CocoDetection(Dataset):
                 str(path),
                 MissingImageError(
                     f"image file {path} ({where}) does not exist; restore it, remove the image "
-                    "from the annotation file, " + SKIP_HINT
+                    "from the annotation file, " + FILE_SKIP_HINT
                 ),
             )
             return None
@@ -467,7 +466,9 @@ class CocoDetection(Dataset):
                 file_name,
                 "unreadable_file",
                 str(header),
-                ImageReadError(f"{header} ({where}); replace or remove the file, " + SKIP_HINT),
+                ImageReadError(
+                    f"{header} ({where}); replace or remove the file, " + FILE_SKIP_HINT
+                ),
             )
             return None
         info = self.coco.imgs[image_id]
@@ -493,7 +494,7 @@ class CocoDetection(Dataset):
                 ImageSizeMismatchError(
                     f"image file {path} ({where}): {detail}. If the image was resized after it "
                     "was annotated, its boxes are at the wrong scale: restore the original file or "
-                    "rescale its annotations and width/height, " + SKIP_HINT
+                    "rescale its annotations and width/height, " + FILE_SKIP_HINT
                 ),
             )
             return None
@@ -520,7 +521,7 @@ class CocoDetection(Dataset):
                     UnknownCategoryError(
                         f"annotation id {ann.get('id')} (image id {image_id}) in {self.ann_file} "
                         f"has category_id {cat_id!r}, which is not among the file's categories "
-                        f"{sorted(self.cat_id_to_label)}; fix the annotation, " + SKIP_HINT
+                        f"{sorted(self.cat_id_to_label)}; fix the annotation, " + FILE_SKIP_HINT
                     ),
                 )
                 continue
@@ -567,7 +568,7 @@ class CocoDetection(Dataset):
                 return None
             raise MissingImageError(
                 f"image file {path} ({where}) disappeared after the data set was scanned; "
-                "restore it, " + SKIP_HINT
+                "restore it, " + FILE_SKIP_HINT
             ) from err
         except ImageReadError as err:
             if self.on_error == "skip":
@@ -575,7 +576,7 @@ class CocoDetection(Dataset):
                 return None
             raise ImageReadError(
                 f"{err} ({where}); its header passed the scan but its pixels cannot be decoded: "
-                "replace or remove the file, " + SKIP_HINT
+                "replace or remove the file, " + FILE_SKIP_HINT
             ) from err
         if image.shape[:2] != self._sizes[image_id]:
             if self.on_error == "skip":
@@ -584,7 +585,7 @@ class CocoDetection(Dataset):
             raise ImageSizeMismatchError(
                 f"image file {path} ({where}) is {image.shape[1]}x{image.shape[0]} (WxH) when "
                 f"read but was {self._sizes[image_id][1]}x{self._sizes[image_id][0]} when the "
-                "data set was scanned: it changed during the run; " + SKIP_HINT
+                "data set was scanned: it changed during the run; " + FILE_SKIP_HINT
             )
         return image
 

@@ -31,6 +31,18 @@ from typing import Any
 
 import torch
 
+__all__ = [
+    "FILE_SKIP_HINT",
+    "PROBLEM_COLUMNS",
+    "REASONS",
+    "DatasetStats",
+    "Problem",
+    "SkippedSample",
+    "drop_skipped",
+    "unreadable_file_error",
+    "write_problems",
+]
+
 FILE_SKIP_HINT = "or set on_error='skip' (data.on_error: skip) to leave it out and list it"
 """The fix a strict-mode error about one file suggests besides replacing the file."""
 
@@ -39,16 +51,6 @@ def unreadable_file_error(err: Exception) -> Exception:
     """``err`` (a file the header scan could not read) with the fix appended, same type."""
     return type(err)(f"{err}; replace or remove the file, {FILE_SKIP_HINT}")
 
-
-__all__ = [
-    "PROBLEM_COLUMNS",
-    "REASONS",
-    "DatasetStats",
-    "Problem",
-    "SkippedSample",
-    "drop_skipped",
-    "write_problems",
-]
 
 PROBLEM_COLUMNS = ("split", "file", "reason", "detail")
 
