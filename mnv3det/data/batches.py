@@ -16,34 +16,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from mnv3det.data.problems import drop_skipped
+from mnv3det.data.coco import collate_detection
 
-__all__ = ["collate_stacked", "image_to_uint8_tensor", "images_to_float"]
-
-
-def image_to_uint8_tensor(image: np.ndarray) -> torch.Tensor:
-    """An ``(H, W, 3)`` uint8 array as a uint8 ``(3, H, W)`` tensor (no copy, no scaling)."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+__all__ = ["collate_stacked", "images_to_float"]
 
 
 def collate_stacked(
     batch: Sequence[tuple[torch.Tensor, dict[str, Any]]],
 ) -> tuple[torch.Tensor | list[torch.Tensor], list[dict[str, Any]]]:
-    """``(image, target)`` items -> ``(images, list of targets)`` with the images stacked into one
-    ``(N, 3, H, W)`` tensor when they share one shape (training images, all resized to the model
-    size), else left as a list. Unreadable items (:class:`~mnv3det.data.problems.SkippedSample`)
-    are left out, as :func:`mnv3det.data.coco.collate_detection` does.
+    """:func:`mnv3det.data.coco.collate_detection` (``(images, targets)`` lists, unreadable items
+    left out), with the images stacked into one ``(N, 3, H, W)`` tensor when they share one
+    shape (training images, all resized to the model size).
 
     ``default_collate`` is used for the stack because inside a DataLoader worker it allocates the
     result directly in shared memory (no second copy when the batch is sent to the main process).
     """
-    batch = drop_skipped(batch)
-    images = [item[0] for item in batch]
-    targets = [item[1] for item in batch]
+    images, targets = collate_detection(batch)
     if images and all(image.shape == images[0].shape for image in images):
         return default_collate(images), targets
     return images, targets

@@ -65,7 +65,6 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from mnv3det.data.batches import image_to_uint8_tensor
 from mnv3det.data.image_io import ImageHeader, ImageReadError, read_headers, read_rgb
 from mnv3det.data.problems import (
     FILE_SKIP_HINT,
@@ -89,6 +88,7 @@ __all__ = [
     "UnknownImageIdError",
     "collate_detection",
     "image_to_tensor",
+    "image_to_uint8_tensor",
     "load_annotation_file",
 ]
 
@@ -120,6 +120,12 @@ class MissingImageError(FileNotFoundError):
     """An image listed in the annotation file does not exist on disk."""
 
 
+def image_to_uint8_tensor(image: np.ndarray) -> torch.Tensor:
+    """An ``(H, W, 3)`` array as a ``(3, H, W)`` tensor of the same dtype and values (no copy of
+    a C-contiguous array, no scaling): uint8 pixels for :mod:`mnv3det.data.batches`."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+
+
 def image_to_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     """An ``(H, W, 3)`` uint8 / float array (or a ``(3, H, W)`` tensor) as a float ``(3, H, W)``
     tensor in [0, 1] (uint8 is divided by 255; float input is taken to be in [0, 1] already)."""
@@ -128,7 +134,7 @@ def image_to_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
         if tensor.ndim == 3 and tensor.shape[0] not in (1, 3) and tensor.shape[-1] in (1, 3):
             tensor = tensor.permute(2, 0, 1)
     else:
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        tensor = image_to_uint8_tensor(image)
     if tensor.dtype == torch.uint8:
         return tensor.float().div_(255.0)
     return tensor.float()
