@@ -94,8 +94,8 @@ class LastCheckpoint(ModelCheckpoint):
         )
 
     def _save_last(self, trainer: L.Trainer) -> None:
+        # _save_checkpoint below records the step (self._last_global_step_saved)
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        self._last_global_step_saved = trainer.global_step
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         """Take the state now (``Trainer.save_checkpoint``'s first half); write it later."""
