@@ -42,18 +42,23 @@ def ssdlite_export(tmp_path_factory):
     return model, output
 
 
-@pytest.fixture(scope="module")
-def lraspp_export(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("lraspp")
+def export_small_lraspp(folder, name, *options):
+    """A seeded LR-ASPP-Large x0.5 (random BN statistics) saved and exported with ``mnv3det
+    export ... --check`` and ``options``: ``(model, onnx path)``."""
     torch.manual_seed(0)
     model = randomize_bn_stats(mnv3det.lraspp("large", num_classes=19, width_mult=0.5)).eval()
-    weights = tmp / "lraspp.pt"
+    weights = folder / "lraspp.pt"
     torch.save(model.state_dict(), weights)
-    output = tmp / "lraspp.onnx"
+    output = folder / name
     args = ["--model", "lraspp", "--width-mult", "0.5", "--weights", str(weights)]
-    rc = export_main([*args, "--output", str(output), "--check"])
+    rc = export_main([*args, *options, "--output", str(output), "--check"])
     assert rc == 0 and output.is_file()
     return model, output
+
+
+@pytest.fixture(scope="module")
+def lraspp_export(tmp_path_factory):
+    return export_small_lraspp(tmp_path_factory.mktemp("lraspp"), "lraspp.onnx")
 
 
 @pytest.mark.slow
@@ -100,13 +105,7 @@ def test_lraspp_onnx_logits_match_with_dynamic_size(lraspp_export, shape):
 def test_lraspp_low_res_logits_give_the_label_map(tmp_path, capsys):
     """``--low-res-logits``: the graph stops before the final upsampling; OnnxSegmenter
     upsamples (same logits as the model) and its label map equals the model's predict_labels."""
-    torch.manual_seed(0)
-    model = randomize_bn_stats(mnv3det.lraspp("large", num_classes=19, width_mult=0.5)).eval()
-    weights = tmp_path / "lraspp.pt"
-    torch.save(model.state_dict(), weights)
-    output = tmp_path / "lraspp_low.onnx"
-    args = ["--model", "lraspp", "--width-mult", "0.5", "--weights", str(weights)]
-    assert export_main([*args, "--low-res-logits", "--output", str(output), "--check"]) == 0
+    model, output = export_small_lraspp(tmp_path, "lraspp_low.onnx", "--low-res-logits")
     assert "max |logits difference|" in capsys.readouterr().out
     assert [o.name for o in session(output).get_outputs()] == ["low_logits"]
     segmenter = OnnxSegmenter(output, threads=2)
