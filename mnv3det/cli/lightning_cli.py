@@ -24,6 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mnv3det.cli.quiet import quiet_dependency_noise
 from mnv3det.cli.runs import prepare_run_folder
+from mnv3det.tasks.guards import install_run_guards
 from mnv3det.weights import CheckpointFormatError, read_checkpoint
 
 
@@ -143,6 +144,10 @@ class MnV3DetCLI(LightningCLI):
             if ckpt_path and str(ckpt_path) not in _SPECIAL_CKPT_PATHS:
                 check_ckpt_path(str(ckpt_path))
         super()._parse_ckpt_path()
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        # atomic checkpoint files, sync_batchnorm only where it runs (mnv3det.tasks.guards)
+        return install_run_guards(super().instantiate_trainer(**kwargs))
 
 
 def run_lightning_cli(args: list[str] | None) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info
 
 from mnv3det.data.problems import write_problems
+from mnv3det.tasks.folders import run_folder
 
 __all__ = ["DataReport"]
 
@@ -60,9 +61,7 @@ class DataReport:
         lines = [d.stats.report() for d in datasets]
         self.skipped_written = None
         if problems:
-            folder = Path(
-                (trainer.log_dir if trainer else None) or getattr(trainer, "default_root_dir", ".")
-            )
+            folder = run_folder(trainer) if trainer is not None else Path(".")
             self.skipped_written = write_problems(
                 folder.resolve() / self.skipped_file_name, problems
             )

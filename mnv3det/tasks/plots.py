@@ -40,6 +40,8 @@ from mnv3det.metrics.coco import format_ap_table, per_class_ap
 from mnv3det.visualize import charts
 from mnv3det.visualize.drawing import DETECTION_PALETTE, detection_sheet, segmentation_sheet
 
+from mnv3det.tasks.folders import run_folder
+
 __all__ = ["PlotWriter", "segmentation_palette"]
 
 
@@ -93,7 +95,7 @@ class PlotWriter(Callback):
         """The folder the PNGs go to."""
         if self.dirpath is not None:
             return self.dirpath
-        return Path(trainer.log_dir or trainer.default_root_dir) / "plots"
+        return run_folder(trainer) / "plots"
 
     def _record(self, path: Path) -> None:
         self.written[path.name] = path
