@@ -29,7 +29,9 @@ def run_folder(trainer: L.Trainer) -> Path:
     if trainer.loggers:
         logger = trainer.loggers[0]
         folder = (
-            logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
+            logger.log_dir
+            if isinstance(logger, (TensorBoardLogger, CSVLogger))
+            else logger.save_dir
         )
         if folder:
             return Path(folder)

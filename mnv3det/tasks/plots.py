@@ -37,10 +37,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from mnv3det.data.cityscapes_labels import CLASS_NAMES, PALETTE
 from mnv3det.metrics.coco import format_ap_table, per_class_ap
+from mnv3det.tasks.folders import run_folder
 from mnv3det.visualize import charts
 from mnv3det.visualize.drawing import DETECTION_PALETTE, detection_sheet, segmentation_sheet
-
-from mnv3det.tasks.folders import run_folder
 
 __all__ = ["PlotWriter", "segmentation_palette"]
 
