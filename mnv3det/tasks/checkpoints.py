@@ -47,8 +47,9 @@ class LastCheckpoint(ModelCheckpoint):
     writes ``last.ckpt`` at the end of every training epoch (after its last batch, and again
     after the epoch-end validation when there is one) and, when asked, every
     ``every_n_train_steps`` optimiser steps, independently of any best-model
-    callback. Files are written atomically by Lightning (a kill while saving leaves the previous
-    ``last.ckpt`` intact).
+    callback. Files are written atomically by the CLI's
+    :class:`~mnv3det.tasks.checkpoint_io.AtomicCheckpointIO` (a kill while saving leaves the
+    previous ``last.ckpt`` intact, whatever ``TMPDIR`` is).
 
     The state is taken where Lightning resumes it exactly (``on_train_batch_end``), but Lightning
     logs that step's metrics only after the hook returns. The file is therefore written at the
@@ -141,7 +142,11 @@ class LastCheckpoint(ModelCheckpoint):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        self._write_pending(trainer)
+        if isinstance(exception, OSError):
+            # the failed write itself (e.g. a full disk): do not try again while it unwinds
+            self._pending = None
+        else:
+            self._write_pending(trainer)
         super().on_exception(trainer, pl_module, exception)
 
     def on_train_batch_end(
