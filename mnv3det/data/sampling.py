@@ -13,7 +13,10 @@ of DataLoader workers and wherever the run was stopped:
 * :class:`ResumableDataLoader` counts the batches it has handed to the training loop and
   implements ``state_dict`` / ``load_state_dict``; on resume the sampler then skips the batches
   already trained on (mid-epoch checkpoints) or moves on to the next epoch (end-of-epoch
-  checkpoints). The data modules keep that state in the checkpoint through
+  checkpoints). The skip applies only to the checkpoint's epoch: Lightning, which knows where
+  its epochs end (``limit_train_batches`` ends them early), sets the sampler's epoch before the
+  first batch, so a checkpoint taken at the last batch of a shortened epoch resumes at the next
+  epoch's first batch. The data modules keep that state in the checkpoint through
   :class:`ResumableTrainData` (Lightning's own loader-state restore comes too late when the
   optimiser schedule asks for ``estimated_stepping_batches``, which builds the loader before
   the training state is restored).
@@ -27,9 +30,10 @@ smaller and independent of the number of workers.
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -40,6 +44,7 @@ __all__ = [
     "ResumableDataLoader",
     "ResumableSampler",
     "ResumableTrainData",
+    "TrainSetTooSmallError",
     "default_seed",
     "reseed_transforms",
     "resumable_loader",
@@ -101,11 +106,20 @@ class ResumableSampler(DistributedSampler):
             drop_last=drop_last,
         )
         self.skip = 0
-        """Samples of the current epoch to leave out once (set when resuming mid-epoch)."""
+        """Samples of epoch :attr:`skip_epoch` to leave out once (set when resuming mid-epoch)."""
+        self.skip_epoch: int | None = None
+        """The epoch :attr:`skip` belongs to: an iteration of any other epoch skips nothing."""
+
+    def pending_skip(self) -> int:
+        """The samples the next iteration leaves out: :attr:`skip` if it is of this epoch."""
+        return self.skip if self.epoch == self.skip_epoch else 0
 
     def __iter__(self) -> Iterator[SampleKey]:
         indices = list(super().__iter__())
-        skip, self.skip = self.skip, 0
+        # Lightning sets the epoch it runs before the first batch: when it decided that the
+        # checkpoint ended an epoch (its last batch, also one shortened by limit_train_batches)
+        # it runs the next one, whose order starts at its first sample.
+        skip, self.skip, self.skip_epoch = self.pending_skip(), 0, None
         for index in indices[skip:]:
             yield index, sample_seed(self.seed, self.epoch, index)
 
@@ -129,7 +143,8 @@ class ResumableDataLoader(DataLoader):
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         sampler = self.resumable_sampler
         batch_size = self.batch_size or 1
-        self._batches = sampler.skip // batch_size
+        # runs at the first next(), after Lightning's set_epoch, like the sampler's own iteration
+        self._batches = sampler.pending_skip() // batch_size
         for batch in super().__iter__():
             self._batches += 1
             yield batch
@@ -158,13 +173,72 @@ class ResumableDataLoader(DataLoader):
             )
             sampler.set_epoch(int(state["epoch"]))
             sampler.skip = 0
-        elif int(state["batches"]) >= len(self):  # saved at the end of an epoch
+        elif int(state["batches"]) >= len(self):  # saved at the end of a whole epoch
             sampler.set_epoch(int(state["epoch"]) + 1)
             sampler.skip = 0
-        else:  # saved mid-epoch: leave out what was trained on
+        else:
+            # Saved mid-epoch, or at the end of an epoch that limit_train_batches shortened: the
+            # skip is kept for this epoch only. Lightning sets the epoch it resumes before the
+            # first batch (the next one in the second case, which then starts from its first
+            # batch); a loop of one's own over the loader continues this epoch.
             sampler.set_epoch(int(state["epoch"]))
             sampler.skip = int(state["batches"]) * (self.batch_size or 1)
-        self._batches = sampler.skip // (self.batch_size or 1)
+        sampler.skip_epoch = sampler.epoch
+        self._batches = sampler.pending_skip() // (self.batch_size or 1)
+
+
+class TrainSetTooSmallError(ValueError):
+    """The training images of one process do not fill one batch (nothing would be trained)."""
+
+
+def epoch_plan(size: int, batch_size: int, world: int = 1, short_set_ok: bool = False) -> str:
+    """What one training epoch uses of ``size`` images: one line for the ``[data]`` report.
+
+    Every full batch is trained on and the incomplete last batch is left out (``drop_last``, as
+    in torchvision's detection recipe: BatchNorm fails on a batch of one image, and a small
+    last batch would be a noisy step). The order is shuffled every epoch, so the images left
+    out differ from epoch to epoch. Under DDP every process takes ``ceil(size / world)`` images,
+    ``DistributedSampler`` repeating a few to make the shares equal.
+
+    Args:
+        size: images in the training set.
+        batch_size: images per batch (per process).
+        world: number of processes.
+        short_set_ok: a share smaller than one batch is trained as one short batch (else
+            :class:`TrainSetTooSmallError`).
+
+    Raises:
+        TrainSetTooSmallError: a process's share is smaller than one batch and not
+            ``short_set_ok``.
+    """
+    share = math.ceil(size / world)
+    images = f"{size} image{'s' if size != 1 else ''}"
+    if world > 1:
+        repeated = share * world - size
+        extra = f", {repeated} repeated to make them equal" if repeated else ""
+        images += f" over {world} processes ({share} each{extra})"
+        per = " per process"
+    else:
+        per = ""
+    if share < batch_size:
+        if short_set_ok:
+            return f"train: {images}, batch {batch_size}: 1 batch of {share} per epoch{per}"
+        raise TrainSetTooSmallError(
+            f"the training set has {images}, fewer than data.batch_size {batch_size}{per}: "
+            "training leaves the incomplete last batch out (BatchNorm needs more than one image "
+            f"per batch), so nothing would be trained; set --data.batch_size {share} or lower, "
+            "or add training images"
+        )
+    batches, tail = divmod(share, batch_size)
+    text = f"train: {images}, batch {batch_size}: {batches} batch{'es' if batches != 1 else ''}"
+    text += f" per epoch{per}"
+    if not tail:
+        return text + ", every image used"
+    return (
+        f"{text}, the last {tail} image{'s' if tail != 1 else ''} of each epoch's order "
+        f"{'are' if tail != 1 else 'is'} left out (drop_last, as torchvision's recipe; "
+        "the order is shuffled, so other images each epoch)"
+    )
 
 
 class ResumableTrainData:
@@ -177,16 +251,47 @@ class ResumableTrainData:
 
     seed: int | None = None
     """Seed of the training order and augmentation (drawn by :func:`default_seed` if unset)."""
+    train_plan: str = ""
+    """What an epoch uses of the training set (:func:`epoch_plan`), once a loader is made."""
     _train_loader: ResumableDataLoader | None = None
     _pending_loader_state: dict[str, int] | None = None
 
     def make_train_loader(
-        self, dataset: Dataset, batch_size: int, **kwargs: Any
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        short_set: Literal["error", "one_batch"] = "error",
+        report: Callable[[str], None] | None = None,
+        **kwargs: Any,
     ) -> ResumableDataLoader:
-        """A shuffled :class:`ResumableDataLoader` at the checkpointed position, if any."""
+        """A shuffled :class:`ResumableDataLoader` at the checkpointed position, if any.
+
+        The incomplete last batch of every epoch is left out (see :func:`epoch_plan`).
+
+        Args:
+            dataset: the training set.
+            batch_size: images per batch (per process).
+            short_set: a process's share smaller than one batch: ``"error"``
+                (:class:`TrainSetTooSmallError`) or ``"one_batch"`` (trained as one short batch;
+                for models whose BatchNorm sees more than one value per channel anyway).
+            report: called with :attr:`train_plan` (e.g. to print it).
+            **kwargs: passed to ``DataLoader`` (not ``drop_last``, decided here).
+
+        Raises:
+            TrainSetTooSmallError: see ``short_set``.
+        """
         if self.seed is None:
             self.seed = default_seed()
-        loader = resumable_loader(dataset, batch_size, seed=self.seed, **kwargs)
+        world, _ = _world()
+        # Under DDP every process gets ceil(len / world) samples (DistributedSampler pads by
+        # repeating), so the batch count is per process, as Lightning counts it.
+        self.train_plan = epoch_plan(len(dataset), batch_size, world, short_set == "one_batch")
+        if report is not None:
+            report(self.train_plan)
+        drop_last = math.ceil(len(dataset) / world) >= batch_size
+        loader = resumable_loader(
+            dataset, batch_size, seed=self.seed, drop_last=drop_last, **kwargs
+        )
         if self._pending_loader_state is not None:
             loader.load_state_dict(self._pending_loader_state)
             self._pending_loader_state = None

@@ -19,7 +19,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from mnv3det.data.problems import write_problems
 from mnv3det.tasks.folders import run_folder
 
-__all__ = ["DataReport"]
+__all__ = ["DataReport", "report_train_plan"]
+
+
+def report_train_plan(plan: str) -> None:
+    """Print, when training starts, what an epoch uses of the training set (rank zero).
+
+    ``plan`` is :func:`mnv3det.data.sampling.epoch_plan`'s line, e.g. ``train: 9 images, batch
+    4: 2 batches per epoch, the last 1 image of each epoch's order is left out ...``.
+    """
+    rank_zero_info(f"[data] {plan}")
 
 
 class DataReport:

@@ -39,7 +39,7 @@ from mnv3det.data.detection_transforms import eval_transforms, train_transforms
 from mnv3det.data.loader_defaults import resolve_num_workers, resolve_pin_memory
 from mnv3det.data.sampling import ResumableTrainData, default_seed
 from mnv3det.data.seeding import seed_worker_transforms
-from mnv3det.tasks.data_report import DataReport
+from mnv3det.tasks.data_report import DataReport, report_train_plan
 
 DEFAULT_SIZE = 320
 """Training input side of a data module used without a model (torchvision's SSDLite320)."""
@@ -57,7 +57,11 @@ class CocoDataModule(ResumableTrainData, DataReport, L.LightningDataModule):
             resized to it. ``None`` (the configs' choice): the model's input size, asked from
             the task at setup (``DetectionTask.input_size``), so it is written once; 320 when
             the data module is used without a model.
-        batch_size: images per batch per device (torchvision's recipe: 24 per GPU).
+        batch_size: images per batch per device (torchvision's recipe: 24 per GPU). As in
+            torchvision's recipe, the incomplete last training batch of each epoch is left out
+            (the ``[data] train:`` line at the start of training says how many images); a
+            training set smaller than one batch is a
+            :class:`~mnv3det.data.sampling.TrainSetTooSmallError`.
         num_workers: DataLoader worker processes (``None``: one per available CPU core, at
             most 8).
         label_map: ``"contiguous"`` (labels 1..K) or ``"torchvision91"`` (label == COCO category
@@ -352,9 +356,12 @@ class CocoDataModule(ResumableTrainData, DataReport, L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise RuntimeError("train data set is not set up; call setup('fit') first")
+        # the incomplete last batch is left out (as torchvision's recipe): SSDLite's 1x1 extra
+        # layers' BatchNorm fails on one image; a set smaller than a batch is an error
         return self.make_train_loader(
             self.train_dataset,
             self.batch_size,
+            report=report_train_plan,
             num_workers=self.num_workers,
             collate_fn=collate_stacked if self.uint8_batches else collate_detection,
             pin_memory=self.pin_memory,

@@ -30,7 +30,7 @@ from mnv3det.data.loader_defaults import resolve_num_workers, resolve_pin_memory
 from mnv3det.data.sampling import ResumableTrainData
 from mnv3det.data.seeding import seed_worker_transforms
 from mnv3det.data.segmentation_transforms import eval_transforms, train_transforms
-from mnv3det.tasks.data_report import DataReport
+from mnv3det.tasks.data_report import DataReport, report_train_plan
 
 
 class CityscapesDataModule(ResumableTrainData, DataReport, L.LightningDataModule):
@@ -237,7 +237,10 @@ class CityscapesDataModule(ResumableTrainData, DataReport, L.LightningDataModule
         return self.make_train_loader(
             self.train_dataset,
             self.batch_size,
-            drop_last=len(self.train_dataset) >= self.batch_size,  # BN dislikes a tiny batch
+            # the incomplete last batch is left out (BN dislikes a tiny batch), but a set smaller
+            # than a batch trains as one: LR-ASPP's BatchNorm sees every pixel of the crop
+            short_set="one_batch",
+            report=report_train_plan,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
