@@ -36,6 +36,7 @@ from mnv3det.data.coco import (
     load_annotation_file,
 )
 from mnv3det.data.detection_transforms import eval_transforms, train_transforms
+from mnv3det.data.eval_sampling import eval_sampler
 from mnv3det.data.loader_defaults import resolve_num_workers, resolve_pin_memory
 from mnv3det.data.sampling import ResumableTrainData, default_seed
 from mnv3det.data.seeding import seed_worker_transforms
@@ -342,10 +343,13 @@ class CocoDataModule(ResumableTrainData, DataReport, L.LightningDataModule):
     def _loader(self, dataset: Dataset | None, shuffle: bool, name: str) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{name} data set is not set up; call setup() with the right stage")
+        # under DDP every image is evaluated once, on one process (no padded repeats)
+        sampler = None if shuffle else eval_sampler(dataset)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate_detection,
             pin_memory=self.pin_memory,

@@ -21,11 +21,13 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from mnv3det.data.cityscapes import (
+    CityscapesDataError,
     CityscapesSegmentation,
     SegmentationImageFolder,
     collate_segmentation,
 )
 from mnv3det.data.cityscapes_labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, PALETTE
+from mnv3det.data.eval_sampling import eval_sampler
 from mnv3det.data.loader_defaults import resolve_num_workers, resolve_pin_memory
 from mnv3det.data.sampling import ResumableTrainData
 from mnv3det.data.seeding import seed_worker_transforms
@@ -159,11 +161,11 @@ class CityscapesDataModule(ResumableTrainData, DataReport, L.LightningDataModule
         """The ``test_split`` with labels, evaluated like validation.
 
         Raises:
-            ValueError: no ``test_split`` was configured.
+            CityscapesDataError: no ``test_split`` was configured.
         """
         if self._test is None:
             if self.test_split is None:
-                raise ValueError(
+                raise CityscapesDataError(
                     "CityscapesDataModule has no test_split; set --data.test_split (a split "
                     "folder with labels, e.g. 'val'), or use 'predict' with --data.predict_dir"
                 )
@@ -225,6 +227,8 @@ class CityscapesDataModule(ResumableTrainData, DataReport, L.LightningDataModule
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            # under DDP every image is evaluated once, on one process (no padded repeats)
+            sampler=None if shuffle else eval_sampler(dataset),
             drop_last=shuffle and len(dataset) >= batch_size,  # BN dislikes a tiny last batch
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
