@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+from torchmetrics import MeanMetric
 
 from mnv3det.data.cityscapes_labels import CLASS_NAMES, IGNORE_INDEX, TRAINID_TO_ID
 from mnv3det.metrics.segmentation import (
@@ -210,6 +211,9 @@ class SegmentationTask(L.LightningModule):
         self.val_window_stride = val_window_stride
         self.val_metric = SegmentationMetrics(num_classes, ignore_index, self.class_names)
         self.test_metric = SegmentationMetrics(num_classes, ignore_index, self.class_names)
+        # The evaluation loss as a metric: summed and counted over all processes, so under DDP
+        # (where ranks may hold a different number of images) it equals one process's mean.
+        self.eval_loss = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
         self.last_results: dict[str, Any] = {}
         self.loaded_position: tuple[int | None, int | None] | None = None
         """``(epoch, global_step)`` of the checkpoint loaded by validate/test/predict."""
@@ -294,7 +298,8 @@ class SegmentationTask(L.LightningModule):
         valid = masks != self.ignore_index
         if valid.any():
             loss = F.cross_entropy(logits, masks, ignore_index=self.ignore_index)
-            self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=images.shape[0])
+            self.eval_loss[stage].update(loss, weight=images.shape[0])
+            self.log(f"{stage}/loss", self.eval_loss[stage])
         metric.update(logits, masks)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
