@@ -107,6 +107,26 @@ class LastCheckpoint(ModelCheckpoint):
         )
         self._last_global_step_saved = trainer.global_step
 
+    def save_now(self, trainer: L.Trainer) -> None:
+        """Take the state now for ``last.ckpt`` (call from ``on_train_batch_end``, where Lightning
+        resumes it exactly); it is written at the next safe hook or by :meth:`flush`."""
+        if trainer.state.fn == "fit" and self._last_global_step_saved != trainer.global_step:
+            self._save_last(trainer)
+
+    def flush(self, trainer: L.Trainer) -> str | None:
+        """Write the taken state, if any, now.
+
+        Returns:
+            The path of the ``last.ckpt`` written by this run so far (``None``: none yet).
+        """
+        self._write_pending(trainer)
+        return self._last_checkpoint_saved or None
+
+    @property
+    def saved_step(self) -> int:
+        """The global step of the state last taken for ``last.ckpt`` (0: none taken yet)."""
+        return int(self._last_global_step_saved)
+
     def _write_pending(self, trainer: L.Trainer) -> None:
         """Write the taken state (``Trainer.save_checkpoint``'s second half) and tell the loggers.
 

@@ -37,6 +37,7 @@ from mnv3det.metrics.coco import STAT_NAMES, CocoCurves, CocoMetric
 from mnv3det.models.ssdlite import SSDLite, ssdlite
 from mnv3det.tasks.checkpoints import make_checkpoint_safe
 from mnv3det.tasks.description import datamodule_facts, describe_in_checkpoint
+from mnv3det.tasks.divergence import check_nonfinite_policy, checked_loss
 from mnv3det.tasks.optim import make_ema, set_bn_momentum, sgd_with_schedule
 from mnv3det.tasks.speed import (
     compile_modules,
@@ -94,6 +95,9 @@ class DetectionTask(L.LightningModule):
         compile: ``torch.compile`` the backbone, extra blocks and heads (in place; checkpoints
             unchanged) when the trainer sets the model up. Compiling takes minutes on a CPU and
             pays off on long runs (GPU above all).
+        nonfinite_loss: a NaN or infinite training loss: ``"raise"`` (default, stop with the
+            step and the batch's image files) or ``"skip"`` (skip that step's backward pass and
+            optimiser step; see :mod:`mnv3det.tasks.divergence`).
     """
 
     def __init__(
@@ -120,9 +124,11 @@ class DetectionTask(L.LightningModule):
         channels_last: bool = True,
         train_autocast: str = "auto",
         compile: bool = False,
+        nonfinite_loss: str = "raise",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        check_nonfinite_policy(nonfinite_loss, "DetectionTask")
         if lr <= 0:
             raise ValueError(f"DetectionTask: lr must be > 0, got {lr}")
         if warmup_epochs < 0:
@@ -220,11 +226,14 @@ class DetectionTask(L.LightningModule):
             set_memory_format([self.model, self.ema], channels_last=False)
 
     # -------------------------------------------------------------- training
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         images, targets = batch
         with step_autocast(self.hparams.train_autocast, self.device):
             losses = self.model(list(images), list(targets))
         loss = losses["bbox_regression"] + losses["classification"]
+        # NaN/inf: stop naming the batch's files, or skip the step (mnv3det.tasks.divergence)
+        if checked_loss(self, loss, batch, batch_idx, self.hparams.nonfinite_loss) is None:
+            return None  # Lightning skips the backward pass and the optimiser step
         n = len(images)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/bbox_regression", losses["bbox_regression"], batch_size=n)

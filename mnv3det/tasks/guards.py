@@ -4,7 +4,11 @@
 :class:`mnv3det.cli.lightning_cli.MnV3DetCLI`): checkpoints are written atomically
 (:class:`~mnv3det.tasks.checkpoint_io.AtomicCheckpointIO`), and ``sync_batchnorm`` is switched
 off where torch's SyncBatchNorm cannot run (CPU processes), with a line saying so, so that the
-shipped configs run unedited on a CPU and under CPU DDP.
+shipped configs run unedited on a CPU and under CPU DDP. SIGTERM/SIGUSR1 stop the run at the next
+step boundary with ``last.ckpt`` written (:class:`~mnv3det.tasks.preemption.Preemption`), and no
+checkpoint is written with non-finite weights
+(:class:`~mnv3det.tasks.divergence.NonFiniteGuard`). A callback of those types in the config is
+used instead of a default one.
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ from __future__ import annotations
 import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from mnv3det.tasks.checkpoint_io import AtomicCheckpointIO
+from mnv3det.tasks.divergence import NonFiniteGuard
+from mnv3det.tasks.preemption import Preemption
 
 __all__ = ["install_run_guards"]
 
@@ -39,8 +46,29 @@ def _sync_batchnorm_where_it_runs(trainer: L.Trainer) -> None:
         )
 
 
+def _add_callback(trainer: L.Trainer, callback: Callback) -> Callback:
+    """``callback``, or the one of its type already in ``trainer.callbacks`` (the config's)."""
+    found = next((c for c in trainer.callbacks if isinstance(c, type(callback))), None)
+    if found is not None:
+        return found
+    # before the checkpoint callbacks, where Lightning sorts it at fit time anyway
+    first_checkpoint = next(
+        (i for i, c in enumerate(trainer.callbacks) if isinstance(c, Checkpoint)),
+        len(trainer.callbacks),
+    )
+    trainer.callbacks.insert(first_checkpoint, callback)
+    return callback
+
+
+def _stop_on_signals(trainer: L.Trainer) -> None:
+    preemption = _add_callback(trainer, Preemption())
+    assert isinstance(preemption, Preemption)
+    preemption.install(trainer)
+
+
 def install_run_guards(trainer: L.Trainer) -> L.Trainer:
-    """Atomic checkpoint files and a ``sync_batchnorm`` that can run, on ``trainer``.
+    """Atomic checkpoint files, a ``sync_batchnorm`` that can run, a stop with ``last.ckpt`` on
+    SIGTERM/SIGUSR1 and no checkpoint of non-finite weights, on ``trainer``.
 
     Args:
         trainer: a freshly constructed trainer (before ``fit``/``validate``/...).
@@ -50,4 +78,6 @@ def install_run_guards(trainer: L.Trainer) -> L.Trainer:
     """
     _atomic_checkpoints(trainer)
     _sync_batchnorm_where_it_runs(trainer)
+    _stop_on_signals(trainer)  # mnv3det.tasks.preemption
+    _add_callback(trainer, NonFiniteGuard())  # mnv3det.tasks.divergence
     return trainer

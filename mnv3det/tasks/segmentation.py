@@ -43,6 +43,7 @@ from mnv3det.metrics.segmentation import (
 from mnv3det.models.lraspp import lraspp
 from mnv3det.tasks.checkpoints import make_checkpoint_safe
 from mnv3det.tasks.description import datamodule_facts, describe_in_checkpoint
+from mnv3det.tasks.divergence import check_nonfinite_policy, checked_loss
 from mnv3det.tasks.optim import set_bn_momentum, sgd_with_schedule
 from mnv3det.tasks.speed import (
     compile_modules,
@@ -143,6 +144,9 @@ class SegmentationTask(L.LightningModule):
             stays fp32 and evaluation follows the trainer (see :mod:`mnv3det.tasks.speed`).
         compile: ``torch.compile`` the model (in place; checkpoints unchanged) when the trainer
             sets it up. Compiling takes minutes on a CPU and pays off on long runs.
+        nonfinite_loss: a NaN or infinite training loss: ``"raise"`` (default, stop with the
+            step and the batch's image files) or ``"skip"`` (skip that step's backward pass and
+            optimiser step; see :mod:`mnv3det.tasks.divergence`).
     """
 
     def __init__(
@@ -171,9 +175,11 @@ class SegmentationTask(L.LightningModule):
         channels_last: bool = True,
         train_autocast: str = "auto",
         compile: bool = False,
+        nonfinite_loss: str = "raise",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        check_nonfinite_policy(nonfinite_loss, "SegmentationTask")
         if lr <= 0:
             raise ValueError(f"SegmentationTask: lr must be > 0, got {lr}")
         if val_window is not None and (len(val_window) != 2 or min(val_window) < 1):
@@ -249,7 +255,7 @@ class SegmentationTask(L.LightningModule):
             set_memory_format([self.model], channels_last=False)
 
     # -------------------------------------------------------------- training
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         images, masks = batch
         with step_autocast(self.hparams.train_autocast, self.device):
             logits = self(images)
@@ -258,6 +264,9 @@ class SegmentationTask(L.LightningModule):
             loss = F.cross_entropy(logits, masks, ignore_index=self.ignore_index)
         else:  # an all-ignore crop: no gradient signal, but not a NaN either
             loss = logits.sum() * 0.0
+        # NaN/inf: stop naming the batch's files, or skip the step (mnv3det.tasks.divergence)
+        if checked_loss(self, loss, batch, batch_idx, self.hparams.nonfinite_loss) is None:
+            return None  # Lightning skips the backward pass and the optimiser step
         self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
         return loss
 

@@ -1,0 +1,258 @@
+"""SIGTERM / SIGUSR1: write ``last.ckpt`` at the next step boundary, exit with the resume line.
+
+Schedulers announce the end of a job with a signal: SIGTERM (SLURM preemption or time limit,
+Kubernetes, ``kill``), and SLURM's ``--signal=USR1@SECONDS`` some time before the limit. Lightning
+already reacts to SIGTERM: its signal handler sets ``trainer.received_sigterm`` and the loops
+raise ``SIGTERMException`` (a ``SystemExit``) at their next check. Left alone that loses the
+steps since the last checkpoint, exits with status 0 (the job looks finished), and SIGUSR1
+outside SLURM kills the process (the signal's default action).
+
+:class:`Preemption` builds on that mechanism:
+
+* its signal connector (:class:`PreemptionSignalConnector`, Lightning's ``_SignalConnector``
+  with another handler) records the signal, forwards it to the DDP processes Lightning started
+  (as Lightning does) and starts a grace timer; it does not stop the loops at once;
+* at the next training step boundary (``on_train_batch_end``, where ``last.ckpt`` is taken
+  and resumes exactly; under DDP all ranks agree on the step through one all-reduce), it has
+  :class:`~mnv3det.tasks.checkpoints.LastCheckpoint` take the state and sets Lightning's
+  ``received_sigterm``, so Lightning's loops raise ``SIGTERMException`` right after;
+* while validating (or in the sanity check) Lightning's validation loop stops at its next
+  batch; ``last.ckpt`` then holds the newest state taken before;
+* on the exception it writes ``last.ckpt``, prints one line (step, file, resume command) and
+  sets the exit status to ``128 + signal`` (143 for SIGTERM, 138 for SIGUSR1), the shell's
+  status of a process ended by that signal: the job did not finish, so a scheduler (SLURM's
+  ``afterok``, a Kubernetes Job, ``torchrun``) does not take it as done;
+* a run that cannot reach a step boundary (stuck in a data loader or a collective) ends hard
+  on a second signal or when the grace period runs out (same status, without a checkpoint).
+
+Under SLURM with Lightning's auto-requeue (``SLURMEnvironment``, on by default when the job runs
+under ``srun``/``sbatch``) the requeue signal keeps Lightning's handler: it saves
+``hpc_ckpt_N.ckpt`` and calls ``scontrol requeue``; the requeued job continues in the same run
+folder (:mod:`mnv3det.cli.runs`). SIGTERM is handled as above there too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import sys
+import threading
+from types import FrameType
+from typing import Any
+
+import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose, _SignalConnector
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from mnv3det.tasks.checkpoints import LastCheckpoint
+
+__all__ = ["Preemption", "PreemptionSignalConnector", "resume_command"]
+
+DEFAULT_GRACE_S = 60.0
+
+
+def _say(text: str) -> None:
+    # os.write, not print: a Python signal handler may run while the main thread is inside a
+    # print to the same stream, and the buffered writer refuses re-entrant calls
+    with contextlib.suppress(OSError):
+        os.write(2, (text + "\n").encode())
+
+
+def resume_command(argv: list[str] | None = None) -> str | None:
+    """The ``mnv3det fit ... --ckpt_path last`` line that resumes this run (``None``: not the CLI).
+
+    Args:
+        argv: the process arguments (default ``sys.argv``); the run is the CLI's when its first
+            argument is ``fit``.
+    """
+    args = list(sys.argv if argv is None else argv)[1:]
+    if not args or args[0] != "fit":
+        return None
+    kept: list[str] = []
+    skip_next = False
+    for arg in args:
+        if skip_next:
+            skip_next = False
+            continue
+        if arg == "--ckpt_path":
+            skip_next = True
+            continue
+        if arg.startswith("--ckpt_path="):
+            continue
+        kept.append(arg)
+    return shlex.join(["mnv3det", *kept, "--ckpt_path", "last"])
+
+
+class PreemptionSignalConnector(_SignalConnector):
+    """Lightning's signal connector whose SIGTERM/SIGUSR1 handler asks for a stop at the next
+    step boundary (see the module doc) instead of setting ``received_sigterm`` at once.
+
+    Args:
+        trainer: the trainer.
+        grace_s: seconds after the first signal before the process ends hard.
+    """
+
+    def __init__(self, trainer: L.Trainer, grace_s: float = DEFAULT_GRACE_S) -> None:
+        super().__init__(trainer)
+        self.grace_s = grace_s
+        self.stop_signal: int | None = None
+        """The first stop signal received (``None``: none)."""
+        self._timer: threading.Timer | None = None
+
+    def register_signal_handlers(self) -> None:
+        self.received_sigterm = False
+        self.stop_signal = None
+        self._original_handlers = self._get_current_signal_handlers()
+        if not hasattr(signal, "SIGUSR1"):  # Windows: Lightning registers nothing there either
+            return
+        environment = self.trainer._accelerator_connector.cluster_environment
+        slurm_requeue = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
+        stop_signals = [signal.SIGTERM]
+        if slurm_requeue:
+            # Lightning's SLURM auto-requeue: hpc_ckpt_N.ckpt and `scontrol requeue`
+            requeue = environment.requeue_signal or signal.SIGUSR1
+            if not self._has_already_handler(requeue):
+                self._register_signal(requeue, _HandlersCompose([self._slurm_sigusr_handler_fn]))
+        else:
+            stop_signals.append(signal.SIGUSR1)
+        for signum in stop_signals:
+            handlers: list[Any] = [self._stop_handler]
+            if signum == signal.SIGTERM and self._has_already_handler(signum):
+                handlers.append(signal.getsignal(signum))  # as Lightning: keep a user's handler
+            self._register_signal(signum, _HandlersCompose(handlers))
+
+    def _stop_handler(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.stop_signal is not None:
+            self._hard_exit(signum, f"second {name}")
+            return
+        self.stop_signal = signum
+        launcher = self.trainer.strategy.launcher
+        if launcher is not None:
+            launcher.kill(signum)  # the DDP processes Lightning started (as Lightning does)
+        trainer = self.trainer
+        if trainer.sanity_checking or trainer.validating:
+            # Lightning's validation loop stops at its next batch; last.ckpt keeps the newest
+            # state taken before this validation
+            self.received_sigterm = True
+        if self.trainer.is_global_zero:
+            _say(
+                f"[run] {name} received: stopping at the next step boundary with last.ckpt "
+                f"(again, or {self.grace_s:g} s without a step boundary: stop at once)"
+            )
+        if self.grace_s > 0:
+            self._timer = threading.Timer(
+                self.grace_s,
+                self._hard_exit,
+                args=(signum, f"no step boundary within {self.grace_s:g} s of {name}"),
+            )
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _hard_exit(self, signum: int, why: str) -> None:
+        _say(
+            f"[run] {why}: stopping now without writing a checkpoint (last.ckpt, if any, "
+            "holds the newest state written before)"
+        )
+        launcher = self.trainer.strategy.launcher
+        if launcher is not None:
+            with contextlib.suppress(Exception):  # the process ends next anyway
+                launcher.kill(signal.SIGKILL)
+        os._exit(128 + int(signum))
+
+    def cancel_grace(self) -> None:
+        """Stop the grace timer (the run reached its stop)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class Preemption(L.Callback):
+    """Stop a run on SIGTERM/SIGUSR1 at the next step boundary with ``last.ckpt`` written.
+
+    The ``mnv3det`` command installs it in every trainer (:mod:`mnv3det.tasks.guards`); put it
+    in ``trainer.callbacks`` to change the grace period. See the module doc for the design.
+
+    Args:
+        grace_s: seconds after the first signal before the process ends without a checkpoint
+            (a run stuck in a data loader or a collective); 0 waits forever (a second signal
+            still ends it).
+    """
+
+    def __init__(self, grace_s: float = DEFAULT_GRACE_S) -> None:
+        if grace_s < 0:
+            raise ValueError(f"Preemption: grace_s must be >= 0, got {grace_s}")
+        self.grace_s = float(grace_s)
+        self._connector: PreemptionSignalConnector | None = None
+
+    def install(self, trainer: L.Trainer) -> None:
+        """Replace the trainer's signal connector (before ``fit``; done by the guards)."""
+        self._connector = PreemptionSignalConnector(trainer, self.grace_s)
+        trainer._signal_connector = self._connector
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not isinstance(trainer._signal_connector, PreemptionSignalConnector):
+            self.install(trainer)
+        self._connector = trainer._signal_connector  # type: ignore[assignment]
+
+    def _last_checkpoint(self, trainer: L.Trainer) -> LastCheckpoint | None:
+        return next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        connector = self._connector
+        if connector is None:
+            return
+        asked = connector.stop_signal is not None
+        if trainer.world_size > 1:
+            # every rank stops at the same step (the checkpoint is taken on all of them); one
+            # tiny all-reduce per step, as Lightning's own per-step SIGTERM broadcast
+            asked = trainer.strategy.reduce_boolean_decision(asked, all=False)
+            if asked and connector.stop_signal is None:
+                connector.stop_signal = signal.SIGTERM  # asked on another rank
+        if not asked or connector.received_sigterm:
+            return
+        last = self._last_checkpoint(trainer)
+        if last is not None:
+            last.save_now(trainer)  # taken here, written in on_exception below
+        connector.received_sigterm = True  # Lightning's loops raise SIGTERMException next
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        connector = self._connector
+        if not isinstance(exception, SIGTERMException) or connector is None:
+            return
+        signum = connector.stop_signal or signal.SIGTERM
+        name = signal.Signals(signum).name
+        last = self._last_checkpoint(trainer)
+        path = last.flush(trainer) if last is not None else None  # before the line saying so
+        connector.cancel_grace()
+        exception.code = 128 + int(signum)  # SystemExit's status (Lightning's is 0)
+        if not trainer.is_global_zero:
+            return
+        where = f"at step {trainer.global_step}"
+        if path is None:
+            saved = (
+                "no last.ckpt written yet (add mnv3det.tasks.checkpoints.LastCheckpoint to "
+                "trainer.callbacks to resume from the stop)"
+                if last is None
+                else "no last.ckpt written yet: the run restarts from the beginning"
+            )
+        else:
+            step = last.saved_step if last is not None else "?"
+            saved = f"last.ckpt (step {step}) written to {path}"
+        command = resume_command()
+        how = f"; resume with: {command}" if command and path else ""
+        if not command and path:
+            how = f"; resume with trainer.fit(..., ckpt_path={str(path)!r})"
+        print(f"[run] stopped by {name} {where}: {saved}{how}", file=sys.stderr, flush=True)
