@@ -27,7 +27,7 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 __all__ = ["AtomicCheckpointIO", "CheckpointWriteError", "write_atomically"]
 
 TEMP_PREFIX = ".tmp-"
-"""Name prefix of the temporary files (left behind only by a kill; ignored and cleaned up)."""
+"""Name prefix of the temporary files (left behind only by a kill; removed by the next write)."""
 
 
 class CheckpointWriteError(OSError):
@@ -82,6 +82,18 @@ def write_atomically(data: bytes, path: str | os.PathLike) -> None:
             ) from err
         raise
     _fsync_folder(folder)
+    _remove_stale_temporaries(path)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporary files of ``path`` that a killed writer left behind.
+
+    One process writes a given checkpoint file, so once its new version is in place every other
+    temporary of that name is a leftover.
+    """
+    for stale in path.parent.glob(f"{TEMP_PREFIX}{path.name}.*"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
