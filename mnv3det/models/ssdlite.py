@@ -305,6 +305,16 @@ class SSDLite(nn.Module):
             raise InvalidTargetError(
                 f"ssdlite: target {index} has {len(boxes)} boxes but labels of shape {tuple(labels.shape)}"
             )
+        # as torchvision's SSD: a box with x2 <= x1 or y2 <= y1 (or NaN) gives an infinite or NaN
+        # box-regression target (log of its width/height), hence a NaN loss; say which one
+        invalid = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1) | ~torch.isfinite(boxes).all(dim=1)
+        if bool(invalid.any()):
+            box = boxes[int(torch.nonzero(invalid)[0])].tolist()
+            raise InvalidTargetError(
+                "ssdlite: all bounding boxes should have positive height and width (xyxy, "
+                f"x2 > x1 and y2 > y1). Found invalid box {box} for target at index {index}; "
+                "drop or fix it before training (the data modules of mnv3det drop such boxes)"
+            )
         if labels.numel() and (int(labels.min()) < 1 or int(labels.max()) >= self.num_classes):
             raise InvalidTargetError(
                 f"ssdlite: target {index} has labels outside 1..{self.num_classes - 1} "
