@@ -5,6 +5,10 @@ what an epoch uses."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -27,7 +31,7 @@ def test_epoch_plan_counts_batches_and_the_tail() -> None:
     # DDP: ceil(9 / 2) = 5 each (one repeated), one batch of 4 per process, 1 left out
     plan = epoch_plan(9, 4, world=2)
     assert "9 images over 2 processes (5 each, 1 repeated to make them equal)" in plan
-    assert "1 batch per epoch per process, the last 1 image" in plan
+    assert "1 batch per epoch per process, the last 1 image of each process's share" in plan
     assert epoch_plan(3, 4, short_set_ok=True) == "train: 3 images, batch 4: 1 batch of 3 per epoch"
 
 
@@ -91,3 +95,27 @@ def test_detection_fit_with_a_last_batch_of_one_image(nine_images, tmp_path, cap
     assert trainer.global_step == 4  # 2 full batches per epoch, the 1-image tail left out
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[data] train:")]
     assert len(lines) == 1 and "the last 1 image of each epoch's order is left out" in lines[0]
+
+
+@pytest.mark.slow
+def test_cli_names_the_batch_size_in_one_line(tmp_path) -> None:
+    root = generate_shapes_coco(tmp_path / "coco", num_train=3, num_val=2, image_size=(96, 80))
+    config = Path(__file__).resolve().parents[1] / "configs/ssdlite320_mnv3_small_coco.yaml"
+    args = [
+        *["--config", str(config), "--data.root", str(root), "--data.batch_size", "4"],
+        *["--data.label_map", "contiguous", "--data.num_workers", "0", "--model.num_classes", "5"],
+        *["--model.size", "96", "--model.width_mult", "0.5", "--trainer.accelerator", "cpu"],
+        *["--trainer.devices", "1", "--trainer.num_sanity_val_steps", "0"],
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mnv3det.cli", "fit", *args],
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("mnv3det fit: error")]
+    assert len(errors) == 1 and "fewer than data.batch_size 4" in errors[0], proc.stderr[-2000:]
+    assert "--data.batch_size 3 or lower" in errors[0]

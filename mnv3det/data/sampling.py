@@ -234,8 +234,9 @@ def epoch_plan(size: int, batch_size: int, world: int = 1, short_set_ok: bool = 
     text += f" per epoch{per}"
     if not tail:
         return text + ", every image used"
+    whose = "each process's share of the epoch" if world > 1 else "each epoch's order"
     return (
-        f"{text}, the last {tail} image{'s' if tail != 1 else ''} of each epoch's order "
+        f"{text}, the last {tail} image{'s' if tail != 1 else ''} of {whose} "
         f"{'are' if tail != 1 else 'is'} left out (drop_last, as torchvision's recipe; "
         "the order is shuffled, so other images each epoch)"
     )
