@@ -209,16 +209,20 @@ class DetectionTask(L.LightningModule):
             )
 
     def configure_model(self) -> None:
-        """``compile: true``: compile the network (backbone, extra blocks, heads) once; the
-        pre-processing and the loss (data-dependent shapes) stay eager."""
+        """``channels_last: true``: NHWC weights (and EMA weights) while fitting. ``compile:
+        true``: compile the network (backbone, extra blocks, heads) once; the pre-processing and
+        the loss (data-dependent shapes) stay eager."""
+        # Here rather than in on_fit_start: DDP lays out its gradient buckets by the parameters'
+        # strides when it wraps the model, which happens between the two hooks.
+        if (
+            self.hparams.channels_last
+            and self._trainer is not None
+            and self.trainer.state.fn == "fit"
+        ):
+            set_memory_format([self.model, self.ema], channels_last=True)
         if self.hparams.compile and not self._compiled:
             compile_modules([self.model.backbone, self.model.extra, self.model.head])
             self._compiled = True
-
-    def on_fit_start(self) -> None:
-        """``channels_last: true``: NHWC weights (and EMA weights) while fitting."""
-        if self.hparams.channels_last:
-            set_memory_format([self.model, self.ema], channels_last=True)
 
     def on_fit_end(self) -> None:
         """Back to NCHW, so the trained model computes as one rebuilt from its checkpoint."""
