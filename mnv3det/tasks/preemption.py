@@ -39,6 +39,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -52,6 +53,8 @@ from mnv3det.tasks.checkpoints import LastCheckpoint
 __all__ = ["Preemption", "PreemptionSignalConnector", "resume_command"]
 
 DEFAULT_GRACE_S = 60.0
+REPEAT_AFTER_S = 1.0
+"""A repeated signal within this many seconds of the first is the same request."""
 
 
 def _say(text: str) -> None:
@@ -100,14 +103,23 @@ class PreemptionSignalConnector(_SignalConnector):
         self.grace_s = grace_s
         self.stop_signal: int | None = None
         """The first stop signal received (``None``: none)."""
+        self._stop_signals: tuple[int, ...] = ()
+        self._first_at: float | None = None
+        self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
+        self._watcher: threading.Thread | None = None
+        self._pipe: tuple[int, int] | None = None
+        self._old_wakeup_fd = -1
 
     def register_signal_handlers(self) -> None:
         self.received_sigterm = False
         self.stop_signal = None
+        self._first_at = None
         self._original_handlers = self._get_current_signal_handlers()
         if not hasattr(signal, "SIGUSR1"):  # Windows: Lightning registers nothing there either
             return
+        if threading.current_thread() is not threading.main_thread():
+            return  # as Lightning: signal handlers can only be set from the main thread
         environment = self.trainer._accelerator_connector.cluster_environment
         slurm_requeue = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
         stop_signals = [signal.SIGTERM]
@@ -118,30 +130,91 @@ class PreemptionSignalConnector(_SignalConnector):
                 self._register_signal(requeue, _HandlersCompose([self._slurm_sigusr_handler_fn]))
         else:
             stop_signals.append(signal.SIGUSR1)
+        self._stop_signals = tuple(int(s) for s in stop_signals)
         for signum in stop_signals:
             handlers: list[Any] = [self._stop_handler]
             if signum == signal.SIGTERM and self._has_already_handler(signum):
                 handlers.append(signal.getsignal(signum))  # as Lightning: keep a user's handler
             self._register_signal(signum, _HandlersCompose(handlers))
+        self._start_watcher()
+
+    def _start_watcher(self) -> None:
+        """Count the signals in a thread, from the interpreter's wakeup fd.
+
+        A Python signal handler runs in the main thread between bytecodes, so a main thread
+        blocked in a data loader or a collective never runs it; the interpreter's C-level
+        handler still writes the signal number to the wakeup fd at once, and this thread
+        (which runs while the main thread waits without the GIL) starts the grace timer and
+        ends the process on a repeated signal. Left out where something else (an asyncio
+        loop) owns the wakeup fd: the Python handler does it then.
+        """
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        try:
+            old = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        except ValueError:
+            old = None
+        if old is None or old != -1:
+            if old is not None:
+                signal.set_wakeup_fd(old)
+            os.close(read_fd)
+            os.close(write_fd)
+            return
+        self._pipe = (read_fd, write_fd)
+        # DataLoader workers are forked from this process and inherit the fd: a signal sent to
+        # the whole process group would reach this thread once more through each of them
+        _forget_wakeup_fd_in_children()
+        self._watcher = threading.Thread(
+            target=self._watch, args=(read_fd,), name="mnv3det-signals", daemon=True
+        )
+        self._watcher.start()
+
+    def _watch(self, read_fd: int) -> None:
+        try:
+            while data := os.read(read_fd, 64):
+                for signum in data:
+                    if signum in self._stop_signals:
+                        self._count(signum)
+        finally:
+            os.close(read_fd)
 
     def _stop_handler(self, signum: int, frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if self.stop_signal is not None:
-            self._hard_exit(signum, f"second {name}")
-            return
-        self.stop_signal = signum
-        launcher = self.trainer.strategy.launcher
-        if launcher is not None:
-            launcher.kill(signum)  # the DDP processes Lightning started (as Lightning does)
+        # main thread: the flag the step boundary reads (the watcher thread counts)
+        if self.stop_signal is None:
+            self.stop_signal = signum
         trainer = self.trainer
         if trainer.sanity_checking or trainer.validating:
             # Lightning's validation loop stops at its next batch; last.ckpt keeps the newest
             # state taken before this validation
             self.received_sigterm = True
+        if self._watcher is None:
+            self._count(signum)
+
+    def _count(self, signum: int) -> None:
+        """First signal: forward it, say so, start the grace timer; a repeat: end now."""
+        name = signal.Signals(signum).name
+        now = time.monotonic()
+        with self._lock:
+            first = self._first_at is None
+            if first:
+                self._first_at = now
+                if self.stop_signal is None:
+                    self.stop_signal = signum
+            elif now - self._first_at < REPEAT_AFTER_S:
+                # the same request: a signal to the process group also reaches the DDP
+                # processes that Lightning forwards it to
+                return
+        if not first:
+            self._hard_exit(signum, f"{name} again")
+            return
+        launcher = self.trainer.strategy.launcher
+        if launcher is not None:
+            launcher.kill(signum)  # the DDP processes Lightning started (as Lightning does)
         if self.trainer.is_global_zero:
+            grace = f", or {self.grace_s:g} s without a step boundary" if self.grace_s > 0 else ""
             _say(
                 f"[run] {name} received: stopping at the next step boundary with last.ckpt "
-                f"(again, or {self.grace_s:g} s without a step boundary: stop at once)"
+                f"(send it again{grace}: stop at once)"
             )
         if self.grace_s > 0:
             self._timer = threading.Timer(
@@ -168,6 +241,30 @@ class PreemptionSignalConnector(_SignalConnector):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def teardown(self) -> None:
+        super().teardown()
+        if self._pipe is not None and threading.current_thread() is threading.main_thread():
+            signal.set_wakeup_fd(-1)
+            _, write_fd = self._pipe
+            self._pipe = None
+            os.close(write_fd)  # the watcher reads the end of the pipe, closes it and ends
+            self._watcher = None
+
+
+def _forget_wakeup_fd() -> None:
+    with contextlib.suppress(ValueError, OSError):
+        signal.set_wakeup_fd(-1)
+
+
+_at_fork: list[bool] = []
+
+
+def _forget_wakeup_fd_in_children() -> None:
+    """Reset the wakeup fd in forked children (once per process)."""
+    if not _at_fork:
+        os.register_at_fork(after_in_child=_forget_wakeup_fd)
+        _at_fork.append(True)
 
 
 class Preemption(L.Callback):

@@ -1,0 +1,144 @@
+"""SIGTERM / SIGUSR1 to a real ``mnv3det fit``: ``last.ckpt`` written at the next step boundary,
+one line with the resume command, exit status 128 + signal; the printed command resumes. A run
+stuck where no step boundary comes still ends (a repeated signal, or the grace period)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from stop_runs import (
+    ENV,
+    STEPS_PER_EPOCH,
+    TIMEOUT_S,
+    finish,
+    fit_args,
+    last_step,
+    load,
+    logs_of,
+    make_coco,
+    run_fit,
+    run_lines,
+    start_fit,
+    wait_until,
+)
+
+STOPPED = re.compile(
+    r"^\[run\] stopped by (SIG\w+) at step (\d+): last\.ckpt \(step (\d+)\) written to (\S+); "
+    r"resume with: (.*)$"
+)
+
+
+def stop_with(signum: int, tmp_path) -> tuple[int, re.Match, list[str]]:
+    """Start a fit, send ``signum`` once the first epoch's ``last.ckpt`` is there, wait."""
+    root = make_coco(tmp_path / "coco")
+    proc = start_fit(fit_args(root), tmp_path)
+    wait_until(proc, lambda: last_step(tmp_path) >= STEPS_PER_EPOCH, "the first last.ckpt")
+    proc.send_signal(signum)
+    code, out = finish(proc)
+    lines = run_lines(out)
+    stopped = [m for m in map(STOPPED.match, lines) if m]
+    assert len(stopped) == 1, out[-3000:]
+    return code, stopped[0], lines
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_writes_last_ckpt_and_the_printed_command_resumes(tmp_path) -> None:
+    code, stopped, lines = stop_with(signal.SIGTERM, tmp_path)
+    print("\n".join(lines))
+    assert code == 128 + signal.SIGTERM
+    name, step, saved_step, path, command = stopped.groups()
+    assert name == "SIGTERM" and step == saved_step
+    # stopped at the first step boundary after the signal, in the second epoch or later
+    assert int(step) > STEPS_PER_EPOCH
+    assert load(tmp_path / path)["global_step"] == int(step)
+    print(f"stopped at step {step} ({'mid-epoch' if int(step) % STEPS_PER_EPOCH else 'epoch end'})")
+    argv = shlex.split(command)
+    assert argv[:2] == ["mnv3det", "fit"] and argv[-2:] == ["--ckpt_path", "last"]
+    code, out = run_fit(argv[2:], tmp_path)
+    assert code == 0, out[-3000:]
+    assert "[run] --ckpt_path last: continuing from" in out
+    assert last_step(tmp_path) == 4 * STEPS_PER_EPOCH
+    assert sorted(p.name for p in logs_of(tmp_path).iterdir()) == ["version_0"]
+
+
+@pytest.mark.slow
+def test_sigusr1_without_slurm_stops_the_same_way(tmp_path) -> None:
+    code, stopped, lines = stop_with(signal.SIGUSR1, tmp_path)
+    print("\n".join(lines))
+    assert code == 128 + signal.SIGUSR1
+    assert stopped.group(1) == "SIGUSR1"
+    assert load(tmp_path / stopped.group(4))["global_step"] == int(stopped.group(2))
+
+
+# A training step that never ends (as one stuck in a data loader or a collective).
+STUCK = textwrap.dedent(
+    """
+    import sys, time
+    import lightning as L, torch
+    from mnv3det.tasks.guards import install_run_guards
+    from mnv3det.tasks.preemption import Preemption
+
+    class Stuck(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+        def training_step(self, batch, batch_idx):
+            print("stuck", flush=True)
+            while True:
+                time.sleep(0.05)
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.zeros(8, 1), batch_size=2)
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False,
+                        callbacks=[Preemption(grace_s=float(sys.argv[1]))])
+    install_run_guards(trainer)
+    trainer.fit(Stuck())
+    """
+)
+
+
+def start_stuck(grace_s: float) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STUCK, str(grace_s)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:  # the step has started (handlers are registered before it)
+        if line.startswith("stuck"):
+            return proc
+    raise AssertionError(f"the script ended: {proc.communicate()[0]}")
+
+
+def test_repeated_sigterm_ends_a_stuck_run(tmp_path) -> None:
+    proc = start_stuck(grace_s=0)  # no grace period: only the repeated signal ends it
+    proc.send_signal(signal.SIGTERM)
+    assert proc.stdout is not None
+    assert "SIGTERM received" in proc.stdout.readline()  # the watcher thread answers
+    # a repeat counts after REPEAT_AFTER_S; send until it ends (deadline: TIMEOUT_S)
+    try:
+        proc.wait(timeout=1.5)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "[run] SIGTERM again: stopping now without writing a checkpoint" in out
+
+
+def test_grace_period_ends_a_stuck_run(tmp_path) -> None:
+    proc = start_stuck(grace_s=1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "[run] no step boundary within 1 s of SIGTERM: stopping now" in out
