@@ -10,6 +10,7 @@ import os
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from mnv3det.data.synthetic_cityscapes import generate_street_scenes
@@ -92,7 +93,11 @@ def test_tasks_fit_in_channels_last_by_default_and_end_in_nchw() -> None:
     plain = DetectionTask("small", num_classes=3, size=64, width_mult=0.5, channels_last=False)
     weight = fast.model.backbone.features[0][0].weight
     ema_weight = fast.ema.module.backbone.features[0][0].weight
-    fast.on_fit_start(), plain.on_fit_start()
+    seg = SegmentationTask("small", num_classes=3, width_mult=0.5)
+    for task in (fast, plain, seg):  # Lightning calls configure_model in fit before DDP wraps it
+        task.trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+        task.trainer.state.fn = TrainerFn.FITTING
+        task.configure_model()
     assert weight.is_contiguous(memory_format=torch.channels_last)
     assert ema_weight.is_contiguous(memory_format=torch.channels_last)
     assert fast.model.backbone.features[0][0].weight is weight  # an optimiser keeps its tensors
@@ -100,8 +105,6 @@ def test_tasks_fit_in_channels_last_by_default_and_end_in_nchw() -> None:
     assert list(fast.model.state_dict()) == list(plain.model.state_dict())
     fast.on_fit_end()
     assert weight.is_contiguous() and ema_weight.is_contiguous()
-    seg = SegmentationTask("small", num_classes=3, width_mult=0.5)
-    seg.on_fit_start()
     assert seg.model.backbone.features[0][0].weight.is_contiguous(memory_format=torch.channels_last)
     seg.on_fit_end()
     assert seg.model.backbone.features[0][0].weight.is_contiguous()
