@@ -87,6 +87,7 @@ def main(argv: list[str]) -> int:
 
     from mnv3det.data.synthetic_coco import generate_shapes_coco
     from mnv3det.metrics.coco import format_ap_table, per_class_ap
+    from mnv3det.tasks.checkpoint_io import AtomicCheckpointIO
     from mnv3det.tasks.detection import DetectionTask
     from mnv3det.tasks.detection_data import CocoDataModule
     from mnv3det.tasks.plots import PlotWriter
@@ -142,6 +143,7 @@ def main(argv: list[str]) -> int:
         dirpath=out, num_images=args.num_pictures, score_thresh=0.4, sheet_name="predictions.png"
     )
     trainer = L.Trainer(
+        plugins=[AtomicCheckpointIO()],  # the CLI's checkpoint writer
         accelerator="cpu",
         devices=1,
         max_epochs=args.epochs,

@@ -77,6 +77,7 @@ def main(argv: list[str]) -> int:
     from lightning.pytorch.loggers import CSVLogger
 
     from mnv3det.data.synthetic_cityscapes import generate_street_scenes
+    from mnv3det.tasks.checkpoint_io import AtomicCheckpointIO
     from mnv3det.tasks.plots import PlotWriter
     from mnv3det.tasks.segmentation import SegmentationTask
     from mnv3det.tasks.segmentation_data import CityscapesDataModule
@@ -127,6 +128,7 @@ def main(argv: list[str]) -> int:
         dirpath=out, num_images=args.num_pictures, sheet_name="demo_segmentation.png"
     )
     trainer = L.Trainer(
+        plugins=[AtomicCheckpointIO()],  # the CLI's checkpoint writer
         accelerator="cpu",
         devices=1,
         max_epochs=args.epochs,
