@@ -15,7 +15,11 @@ from collections.abc import Iterator
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
-__all__ = ["UnpaddedDistributedSampler", "eval_sampler"]
+__all__ = ["EvalSetTooSmallError", "UnpaddedDistributedSampler", "eval_sampler"]
+
+
+class EvalSetTooSmallError(ValueError):
+    """An evaluation set with fewer images than processes (some process would have none)."""
 
 
 class UnpaddedDistributedSampler(DistributedSampler):
@@ -41,8 +45,24 @@ class UnpaddedDistributedSampler(DistributedSampler):
         return self.num_samples
 
 
-def eval_sampler(dataset: Dataset) -> UnpaddedDistributedSampler | None:
-    """An :class:`UnpaddedDistributedSampler` when a process group is running, else ``None``."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return UnpaddedDistributedSampler(dataset)
-    return None
+def eval_sampler(dataset: Dataset, name: str = "evaluation") -> UnpaddedDistributedSampler | None:
+    """An :class:`UnpaddedDistributedSampler` when a process group is running, else ``None``.
+
+    Args:
+        dataset: the evaluation or prediction set.
+        name: what it is, for the error message (``"val"``, ``"test"``, ``"predict"``).
+
+    Raises:
+        EvalSetTooSmallError: fewer images than processes. Lightning refuses a process without
+            batches, and giving it a repeated image would count that image twice.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    world, size = dist.get_world_size(), len(dataset)  # type: ignore[arg-type]
+    if size < world:
+        raise EvalSetTooSmallError(
+            f"the {name} set has {size} image{'s' * (size != 1)}, fewer than the {world} "
+            f"processes (each needs at least one); run with --trainer.devices {max(1, size)} "
+            "or add images"
+        )
+    return UnpaddedDistributedSampler(dataset)

@@ -344,7 +344,7 @@ class CocoDataModule(ResumableTrainData, DataReport, L.LightningDataModule):
         if dataset is None:
             raise RuntimeError(f"{name} data set is not set up; call setup() with the right stage")
         # under DDP every image is evaluated once, on one process (no padded repeats)
-        sampler = None if shuffle else eval_sampler(dataset)
+        sampler = None if shuffle else eval_sampler(dataset, name)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
