@@ -236,8 +236,9 @@ class DetectionTask(L.LightningModule):
             losses = self.model(list(images), list(targets))
         loss = losses["bbox_regression"] + losses["classification"]
         # NaN/inf: stop naming the batch's files, or skip the step (mnv3det.tasks.divergence)
-        if checked_loss(self, loss, batch, batch_idx, self.hparams.nonfinite_loss) is None:
-            return None  # Lightning skips the backward pass and the optimiser step
+        checked = checked_loss(self, loss, batch, batch_idx, self.hparams.nonfinite_loss)
+        if checked is not loss:  # skipped: None (or a zero-gradient loss under DDP)
+            return checked
         n = len(images)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/bbox_regression", losses["bbox_regression"], batch_size=n)

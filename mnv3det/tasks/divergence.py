@@ -9,8 +9,10 @@ Both tasks pass their training loss through :func:`checked_loss` with their
   are those before the step (the error comes before the backward pass), and ``mnv3det fit``
   prints it as one line and exits with status 2;
 * ``skip``: the training step returns ``None``, Lightning's own way of skipping the backward
-  pass and the optimiser step, with one line per skipped step; when the weights themselves are
-  no longer finite no later step can recover, so that is an error in both modes.
+  pass and the optimiser step, with one line per skipped step (under DDP, where Lightning
+  refuses ``None``, a loss with zero gradients instead: the optimiser's momentum and weight
+  decay still move the weights that step); when the weights themselves are no longer finite no
+  later step can recover, so that is an error in both modes.
 
 Under DDP the ranks agree first (any rank's non-finite loss is every rank's), so they skip or
 stop at the same step.
@@ -185,7 +187,8 @@ def checked_loss(
 
     Returns:
         ``loss`` when finite; ``None`` when not and ``policy`` is ``"skip"`` (the training step
-        returns it, so Lightning skips the backward pass and the optimiser step).
+        returns it, so Lightning skips the backward pass and the optimiser step), a loss with
+        zero gradients under DDP.
 
     Raises:
         NonFiniteLossError: not finite and ``policy`` is ``"raise"``.
@@ -215,6 +218,10 @@ def checked_loss(
         rank_zero_info(
             f"[run] {where}: the loss is {value} on {files}; step skipped (nonfinite_loss: skip)"
         )
+        if trainer.world_size > 1:
+            # Lightning refuses a None step under DDP: a loss with zero gradients keeps the
+            # ranks' gradient all-reduce in step (momentum and weight decay still apply)
+            return sum((p * 0.0).sum() for p in module.parameters() if p.requires_grad)
         return None
     raise NonFiniteLossError(
         f"{where}: the loss is {value} on the images {files}; {_FIX}, or pass "

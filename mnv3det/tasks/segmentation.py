@@ -269,8 +269,9 @@ class SegmentationTask(L.LightningModule):
         else:  # an all-ignore crop: no gradient signal, but not a NaN either
             loss = logits.sum() * 0.0
         # NaN/inf: stop naming the batch's files, or skip the step (mnv3det.tasks.divergence)
-        if checked_loss(self, loss, batch, batch_idx, self.hparams.nonfinite_loss) is None:
-            return None  # Lightning skips the backward pass and the optimiser step
+        checked = checked_loss(self, loss, batch, batch_idx, self.hparams.nonfinite_loss)
+        if checked is not loss:  # skipped: None (or a zero-gradient loss under DDP)
+            return checked
         self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
         return loss
 
