@@ -50,7 +50,11 @@ def logs_of(cwd: Path) -> Path:
 
 
 def start_fit(
-    args: list[str], cwd: Path, env: dict[str, str] | None = None, prefix: list[str] | None = None
+    args: list[str],
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    prefix: list[str] | None = None,
+    new_session: bool = False,
 ) -> subprocess.Popen:
     command = prefix or [sys.executable, "-m", "mnv3det.cli"]
     return subprocess.Popen(
@@ -60,6 +64,7 @@ def start_fit(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=new_session,  # its own process group, for a signal to all of it
     )
 
 

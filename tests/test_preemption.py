@@ -4,12 +4,14 @@ stuck where no step boundary comes still ends (a repeated signal, or the grace p
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from stop_runs import (
@@ -74,6 +76,35 @@ def test_sigusr1_without_slurm_stops_the_same_way(tmp_path) -> None:
     assert code == 128 + signal.SIGUSR1
     assert stopped.group(1) == "SIGUSR1"
     assert load(tmp_path / stopped.group(4))["global_step"] == int(stopped.group(2))
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_under_ddp_stops_all_ranks_at_one_step(tmp_path) -> None:
+    """As SLURM's scancel or time limit: the signal reaches both DDP ranks and every DataLoader
+    worker at once; the workers must not die of it, the ranks agree on the step."""
+    root = make_coco(tmp_path / "coco")
+    args = fit_args(root, "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    proc = start_fit(args, tmp_path, new_session=True)
+    steps_per_epoch = STEPS_PER_EPOCH // 2  # each rank takes half of every epoch
+    wait_until(proc, lambda: last_step(tmp_path) >= steps_per_epoch, "the first last.ckpt")
+    os.killpg(proc.pid, signal.SIGTERM)
+    code, out = finish(proc)
+    lines = run_lines(out)
+    print("\n".join(lines))
+    assert code == 128 + signal.SIGTERM, out[-3000:]
+    stopped = [m for m in map(STOPPED.match, lines) if m]
+    assert len(stopped) == 1 and "DataLoader worker" not in out
+    assert load(tmp_path / stopped[0].group(4))["global_step"] == int(stopped[0].group(2))
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:  # rank 1 and the workers end too
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("processes of the run were left behind")
 
 
 # A training step that never ends (as one stuck in a data loader or a collective).

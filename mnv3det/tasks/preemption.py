@@ -131,6 +131,7 @@ class PreemptionSignalConnector(_SignalConnector):
         else:
             stop_signals.append(signal.SIGUSR1)
         self._stop_signals = tuple(int(s) for s in stop_signals)
+        _leave_signals_to_this_process(self._stop_signals)
         for signum in stop_signals:
             handlers: list[Any] = [self._stop_handler]
             if signum == signal.SIGTERM and self._has_already_handler(signum):
@@ -161,9 +162,6 @@ class PreemptionSignalConnector(_SignalConnector):
             os.close(write_fd)
             return
         self._pipe = (read_fd, write_fd)
-        # DataLoader workers are forked from this process and inherit the fd: a signal sent to
-        # the whole process group would reach this thread once more through each of them
-        _forget_wakeup_fd_in_children()
         self._watcher = threading.Thread(
             target=self._watch, args=(read_fd,), name="mnv3det-signals", daemon=True
         )
@@ -244,6 +242,7 @@ class PreemptionSignalConnector(_SignalConnector):
 
     def teardown(self) -> None:
         super().teardown()
+        _leave_signals_to_this_process(())
         if self._pipe is not None and threading.current_thread() is threading.main_thread():
             signal.set_wakeup_fd(-1)
             _, write_fd = self._pipe
@@ -252,19 +251,29 @@ class PreemptionSignalConnector(_SignalConnector):
             self._watcher = None
 
 
-def _forget_wakeup_fd() -> None:
+_blocked_in_children: list[tuple[int, ...]] = []
+
+
+def _leave_signals_to_this_process(signals: tuple[int, ...]) -> None:
+    """Block ``signals`` in the processes forked from now on (DataLoader workers).
+
+    A scheduler often signals every process of the job (SLURM's ``scancel`` and time limit, a
+    process-group kill): a DataLoader worker would die of SIGTERM (torch's worker handler) and
+    the main process would fail on the lost worker instead of stopping at the step boundary.
+    Blocked signals stay pending in the worker, which the main process shuts down as usual. A
+    forked worker also forgets the wakeup fd, whose pipe it inherits.
+    """
+    if not _blocked_in_children:
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+        _blocked_in_children.append(())
+    _blocked_in_children[0] = signals
+
+
+def _after_fork_in_child() -> None:
     with contextlib.suppress(ValueError, OSError):
         signal.set_wakeup_fd(-1)
-
-
-_at_fork: list[bool] = []
-
-
-def _forget_wakeup_fd_in_children() -> None:
-    """Reset the wakeup fd in forked children (once per process)."""
-    if not _at_fork:
-        os.register_at_fork(after_in_child=_forget_wakeup_fd)
-        _at_fork.append(True)
+    if _blocked_in_children and _blocked_in_children[0]:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _blocked_in_children[0])
 
 
 class Preemption(L.Callback):
