@@ -83,34 +83,36 @@ def fit_with_two_processes(args: list[str], cwd: Path, logs: Path) -> Path:
     return best
 
 
-def evaluate_with_one_and_two(
-    args: list[str], cwd: Path, logs: Path, best: Path, command: str, keys: list[str]
-) -> None:
-    found = []
-    for n in (1, 2):
-        mnv3det(command, [*args, *processes(n), "--ckpt_path", str(best)], cwd)
-        found.append(newest_metrics(logs))
-    one, two = found
-    for key in keys:
-        assert one[key] == two[key], (key, one[key], two[key])
-    print(
-        f"{command}: " + ", ".join(f"{k} = {one[k]:.6f}" for k in keys) + " with 1 and 2 processes"
-    )
-
-
-def predict_with_one_and_two(
-    args: list[str], cwd: Path, best: Path, extra: list[str]
+def every_command(
+    config: str, args: list[str], cwd: Path, keys: list[str], predict_extra: list[str]
 ) -> tuple[Path, Path]:
+    """``fit`` with two processes, then ``validate``, ``test`` and ``predict`` of its best
+    checkpoint with one and with two: the metrics ``keys`` are equal. Returns the two
+    prediction folders."""
+    args = ["--config", str(REPO / "configs" / f"{config}.yaml"), *COMMON, *args]
+    logs = cwd / "logs" / config
+    best = fit_with_two_processes(args, cwd, logs)
+    for command, stage in (("validate", "val"), ("test", "test")):
+        found = []
+        for n in (1, 2):
+            mnv3det(command, [*args, *processes(n), "--ckpt_path", str(best)], cwd)
+            found.append(newest_metrics(logs))
+        one, two = found
+        names = [f"{stage}/{k}" for k in keys]
+        for key in names:
+            assert one[key] == two[key], (key, one[key], two[key])
+        print(f"{command}, 1 and 2 processes: " + ", ".join(f"{k} = {one[k]:.6f}" for k in names))
     folders = []
     for n in (1, 2):
         out_dir = cwd / f"predictions_{n}"
-        writer = "--trainer.callbacks.output_dir"
+        writer = ["--trainer.callbacks.output_dir", str(out_dir)]
         mnv3det(
             "predict",
-            [*args, *processes(n), "--ckpt_path", str(best), *extra, writer, str(out_dir)],
+            [*args, *processes(n), "--ckpt_path", str(best), *predict_extra, *writer],
             cwd,
         )
         folders.append(out_dir)
+    assert files_of(folders[0]) == files_of(folders[1])
     return folders[0], folders[1]
 
 
@@ -125,18 +127,12 @@ def test_detection_config_fit_validate_test_predict_with_two_processes(tmp_path)
         tmp_path / "coco", num_train=11, num_val=7, image_size=(120, 96), seed=3
     )
     args = [
-        *["--config", str(REPO / "configs" / "ssdlite320_mnv3_small_coco.yaml"), *COMMON],
         *["--data.root", str(root), "--data.label_map", "contiguous", "--data.batch_size", "2"],
         *["--model.num_classes", "5", "--model.size", "96", "--model.width_mult", "0.5"],
         *["--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1"],
     ]
-    logs = tmp_path / "logs" / "ssdlite320_mnv3_small_coco"
-    best = fit_with_two_processes(args, tmp_path, logs)
     keys = ["map", "map_50", "map_75", "mar_100"]
-    evaluate_with_one_and_two(args, tmp_path, logs, best, "validate", [f"val/{k}" for k in keys])
-    evaluate_with_one_and_two(args, tmp_path, logs, best, "test", [f"test/{k}" for k in keys])
-    one, two = predict_with_one_and_two(args, tmp_path, best, [])
-    assert files_of(one) == files_of(two)
+    one, _ = every_command("ssdlite320_mnv3_small_coco", args, tmp_path, keys, [])
     assert (one / "detections.json").stat().st_size > 2
 
 
@@ -145,22 +141,16 @@ def test_segmentation_config_fit_validate_test_predict_with_two_processes(tmp_pa
     root = generate_street_scenes(
         tmp_path / "cityscapes", cities=("aachen", "bremen"), per_city=4, size=(64, 128)
     )
-    for split in ("val",):  # 7 validation images: one process gets one more than the other
-        for kind, suffix in (("leftImg8bit", "leftImg8bit.png"), ("gtFine", "gtFine_*")):
-            for path in (root / kind / split / "bremen").glob(f"bremen_000003_000019_{suffix}"):
-                path.unlink()
+    # 7 validation images: one process gets one more than the other
+    for kind, suffix in (("leftImg8bit", "leftImg8bit.png"), ("gtFine", "gtFine_*")):
+        for path in (root / kind / "val" / "bremen").glob(f"bremen_000003_000019_{suffix}"):
+            path.unlink()
     args = [
-        *["--config", str(REPO / "configs" / "lraspp_mnv3_small_cityscapes.yaml"), *COMMON],
         *["--data.root", str(root), "--data.crop_size", "[64, 128]", "--data.batch_size", "2"],
         *["--data.val_batch_size", "2", "--data.test_split", "val", "--model.width_mult", "0.5"],
         *["--trainer.max_steps", "6", "--trainer.val_check_interval", "3"],
     ]
-    logs = tmp_path / "logs" / "lraspp_mnv3_small_cityscapes"
-    best = fit_with_two_processes(args, tmp_path, logs)
     keys = ["miou", "miou_all", "pixel_acc", "mean_acc"]
-    evaluate_with_one_and_two(args, tmp_path, logs, best, "validate", [f"val/{k}" for k in keys])
-    evaluate_with_one_and_two(args, tmp_path, logs, best, "test", [f"test/{k}" for k in keys])
     predict_dir = ["--data.predict_dir", str(root / "leftImg8bit" / "val")]
-    one, two = predict_with_one_and_two(args, tmp_path, best, predict_dir)
-    assert files_of(one) == files_of(two)
+    one, _ = every_command("lraspp_mnv3_small_cityscapes", args, tmp_path, keys, predict_dir)
     assert len(list((one / "color").rglob("*.png"))) == 7
