@@ -17,30 +17,37 @@ from torch.utils.data import DataLoader
 from mnv3det.data.sampling import ResumableSampler
 from mnv3det.tasks.checkpoints import LastCheckpoint
 from mnv3det.tasks.divergence import (
+    MAX_SKIPS_IN_A_ROW,
     NonFiniteLossError,
     NonFinitePolicyError,
     NonFiniteWeightsError,
     _batch_indices,
+    buffers_before_step,
     checked_loss,
 )
 from mnv3det.tasks.guards import install_run_guards
 
 
 class Tiny(L.LightningModule):
-    """A linear model on 8 numbers (4 steps of 2); the loss is NaN at ``nan_at`` or the
-    weights become infinite after the optimiser step of ``inf_after``."""
+    """BatchNorm and a weight on 8 numbers (4 steps of 2); the batches ``nan_at`` hold NaN, or
+    the weight becomes infinite after the optimiser step of ``inf_after``."""
 
-    def __init__(self, policy: str, nan_at: int = -1, inf_after: int = -1) -> None:
+    batches = 4
+
+    def __init__(self, policy: str, nan_at: tuple[int, ...] = (), inf_after: int = -1) -> None:
         super().__init__()
         self.w = torch.nn.Parameter(torch.ones(1))
+        self.bn = torch.nn.BatchNorm1d(1)
         self.policy, self.nan_at, self.inf_after = policy, nan_at, inf_after
         self.weights: list[float] = []  # after each batch
+        self.running_means: list[float] = []
 
     def training_step(self, batch, batch_idx):
-        loss = (self.w * batch).square().mean()
-        if batch_idx == self.nan_at:
-            loss = loss * float("nan")
-        return checked_loss(self, loss, batch, batch_idx, self.policy)
+        buffers = buffers_before_step(self, self.policy)
+        if batch_idx in self.nan_at:
+            batch = batch * float("nan")  # NaN in the BatchNorm statistics too
+        loss = (self.w * self.bn(batch)).square().mean()
+        return checked_loss(self, loss, batch, batch_idx, self.policy, buffers)
 
     def optimizer_step(self, epoch, batch_idx, *args, **kwargs):
         super().optimizer_step(epoch, batch_idx, *args, **kwargs)
@@ -49,9 +56,10 @@ class Tiny(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         self.weights.append(float(self.w))
+        self.running_means.append(float(self.bn.running_mean))
 
     def train_dataloader(self):
-        return DataLoader(torch.arange(8.0).view(8, 1), batch_size=2)
+        return DataLoader(torch.arange(float(self.batches * 2)).view(-1, 1), batch_size=2)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
@@ -83,19 +91,29 @@ def assert_finite(checkpoint: dict) -> None:
 
 def test_nonfinite_loss_raises_naming_the_step_before_any_checkpoint_of_it(tmp_path) -> None:
     with pytest.raises(NonFiniteLossError, match=r"^step 2 \(epoch 0, batch 2\): the loss is nan"):
-        fit(tmp_path, Tiny("raise", nan_at=2))
+        fit(tmp_path, Tiny("raise", nan_at=(2,)))
     checkpoint = last_ckpt(tmp_path)
     assert checkpoint["global_step"] == 2
     assert_finite(checkpoint)
 
 
 def test_skip_policy_skips_the_step_and_goes_on(tmp_path, caplog) -> None:
-    module = Tiny("skip", nan_at=1)
+    module = Tiny("skip", nan_at=(1,))
     fit(tmp_path, module)
     first, skipped, third, fourth = module.weights
     assert skipped == first and first != third != fourth  # no update from the NaN batch
+    means = module.running_means
+    assert means[1] == means[0] and all(math.isfinite(m) for m in means)  # BatchNorm put back
     assert "[run] step 1 (epoch 0, batch 1): the loss is nan" in caplog.text
     assert "step skipped (nonfinite_loss: skip)" in caplog.text
+    assert_finite(last_ckpt(tmp_path))
+
+
+def test_skip_policy_stops_a_run_that_only_skips(tmp_path) -> None:
+    module = Tiny("skip", nan_at=tuple(range(2, 2 + MAX_SKIPS_IN_A_ROW + 1)))
+    module.batches = MAX_SKIPS_IN_A_ROW + 4
+    with pytest.raises(NonFiniteLossError, match=f"not finite for the {MAX_SKIPS_IN_A_ROW} steps"):
+        fit(tmp_path, module)
     assert_finite(last_ckpt(tmp_path))
 
 

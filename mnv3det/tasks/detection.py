@@ -37,7 +37,11 @@ from mnv3det.metrics.coco import STAT_NAMES, CocoCurves, CocoMetric
 from mnv3det.models.ssdlite import SSDLite, ssdlite
 from mnv3det.tasks.checkpoints import make_checkpoint_safe
 from mnv3det.tasks.description import datamodule_facts, describe_in_checkpoint
-from mnv3det.tasks.divergence import check_nonfinite_policy, checked_loss
+from mnv3det.tasks.divergence import (
+    buffers_before_step,
+    check_nonfinite_policy,
+    checked_loss,
+)
 from mnv3det.tasks.optim import make_ema, set_bn_momentum, sgd_with_schedule
 from mnv3det.tasks.speed import (
     compile_modules,
@@ -232,11 +236,14 @@ class DetectionTask(L.LightningModule):
     # -------------------------------------------------------------- training
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         images, targets = batch
+        # a copy of the BatchNorm statistics when a NaN step may be skipped
+        buffers = buffers_before_step(self, self.hparams.nonfinite_loss)
         with step_autocast(self.hparams.train_autocast, self.device):
             losses = self.model(list(images), list(targets))
         loss = losses["bbox_regression"] + losses["classification"]
         # NaN/inf: stop naming the batch's files, or skip the step (mnv3det.tasks.divergence)
-        checked = checked_loss(self, loss, batch, batch_idx, self.hparams.nonfinite_loss)
+        policy = self.hparams.nonfinite_loss
+        checked = checked_loss(self, loss, batch, batch_idx, policy, buffers)
         if checked is not loss:  # skipped: None (or a zero-gradient loss under DDP)
             return checked
         n = len(images)

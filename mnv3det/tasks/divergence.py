@@ -11,8 +11,10 @@ Both tasks pass their training loss through :func:`checked_loss` with their
 * ``skip``: the training step returns ``None``, Lightning's own way of skipping the backward
   pass and the optimiser step, with one line per skipped step (under DDP, where Lightning
   refuses ``None``, a loss with zero gradients instead: the optimiser's momentum and weight
-  decay still move the weights that step); when the weights themselves are no longer finite no
-  later step can recover, so that is an error in both modes.
+  decay still move the weights that step), and the BatchNorm statistics that the batch's forward
+  pass changed are put back; when the weights themselves are no longer finite, or more than
+  :data:`MAX_SKIPS_IN_A_ROW` steps in a row are not, no later step can recover, so that is an
+  error too.
 
 Under DDP the ranks agree first (any rank's non-finite loss is every rank's), so they skip or
 stop at the same step.
@@ -35,17 +37,21 @@ from torch import Tensor
 from torch.utils.data import DistributedSampler
 
 __all__ = [
+    "MAX_SKIPS_IN_A_ROW",
     "NONFINITE_POLICIES",
     "NonFiniteGuard",
     "NonFiniteLossError",
     "NonFinitePolicyError",
     "NonFiniteWeightsError",
     "batch_files",
+    "buffers_before_step",
     "check_nonfinite_policy",
     "checked_loss",
 ]
 
 NONFINITE_POLICIES = ("raise", "skip")
+MAX_SKIPS_IN_A_ROW = 10
+"""``skip``: more non-finite steps in a row than this stop the run (it diverged)."""
 _MAX_NAMES = 8  # file names listed in one line; the rest are counted
 _FIX = "lower model.lr, set trainer.gradient_clip_val, or check those files' annotations"
 
@@ -173,8 +179,25 @@ def _where(trainer: L.Trainer, batch_idx: int) -> str:
     return f"step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx})"
 
 
+def buffers_before_step(module: torch.nn.Module, policy: str) -> list[Tensor] | None:
+    """With ``policy == "skip"``: a copy of the module's buffers, to pass to :func:`checked_loss`.
+
+    A training forward pass updates the BatchNorm running statistics; a batch with a NaN loss
+    usually leaves NaN in them, so skipping the optimiser step alone does not undo that batch.
+    The copy is small (per-channel statistics) and taken only when steps may be skipped.
+    """
+    if policy != "skip":
+        return None
+    return [b.detach().clone() for b in module.buffers()]
+
+
 def checked_loss(
-    module: L.LightningModule, loss: Tensor, batch: Any, batch_idx: int, policy: str
+    module: L.LightningModule,
+    loss: Tensor,
+    batch: Any,
+    batch_idx: int,
+    policy: str,
+    buffers: list[Tensor] | None = None,
 ) -> Tensor | None:
     """``loss``, or ``None`` (skip the step) / an error when it is not finite.
 
@@ -184,6 +207,7 @@ def checked_loss(
         batch: the batch, for the image files named in the message.
         batch_idx: its index in the epoch.
         policy: ``"raise"`` or ``"skip"``.
+        buffers: :func:`buffers_before_step` of the step; a skipped step puts them back.
 
     Returns:
         ``loss`` when finite; ``None`` when not and ``policy`` is ``"skip"`` (the training step
@@ -203,7 +227,10 @@ def checked_loss(
     if trainer.world_size > 1:
         bad = trainer.strategy.reduce_boolean_decision(bad, all=False)  # all ranks alike
     if not bad:
+        module._nonfinite_in_a_row = 0  # type: ignore[attr-defined]
         return loss
+    in_a_row = getattr(module, "_nonfinite_in_a_row", 0) + 1
+    module._nonfinite_in_a_row = in_a_row  # type: ignore[attr-defined]
     value = loss.detach().float().item()
     where = _where(trainer, batch_idx)
     files = _describe_files(batch_files(trainer, batch, batch_idx))
@@ -214,7 +241,17 @@ def checked_loss(
             f"({broken}): an earlier step diverged (this batch: {files}); {_FIX}, and resume "
             "from a checkpoint before it (--ckpt_path FILE)"
         )
+    if policy == "skip" and in_a_row > MAX_SKIPS_IN_A_ROW:
+        raise NonFiniteLossError(
+            f"{where}: the loss is {value} on {files}, and was not finite for the "
+            f"{in_a_row - 1} steps before (skipped): the run diverged; {_FIX}, and resume "
+            "from a checkpoint before it (--ckpt_path FILE)"
+        )
     if policy == "skip":
+        if buffers is not None:
+            with torch.no_grad():
+                for now, before in zip(module.buffers(), buffers, strict=True):
+                    now.copy_(before)
         rank_zero_info(
             f"[run] {where}: the loss is {value} on {files}; step skipped (nonfinite_loss: skip)"
         )

@@ -43,7 +43,11 @@ from mnv3det.metrics.segmentation import (
 from mnv3det.models.lraspp import lraspp
 from mnv3det.tasks.checkpoints import make_checkpoint_safe
 from mnv3det.tasks.description import datamodule_facts, describe_in_checkpoint
-from mnv3det.tasks.divergence import check_nonfinite_policy, checked_loss
+from mnv3det.tasks.divergence import (
+    buffers_before_step,
+    check_nonfinite_policy,
+    checked_loss,
+)
 from mnv3det.tasks.optim import set_bn_momentum, sgd_with_schedule
 from mnv3det.tasks.speed import (
     compile_modules,
@@ -261,6 +265,8 @@ class SegmentationTask(L.LightningModule):
     # -------------------------------------------------------------- training
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         images, masks = batch
+        # a copy of the BatchNorm statistics when a NaN step may be skipped
+        buffers = buffers_before_step(self, self.hparams.nonfinite_loss)
         with step_autocast(self.hparams.train_autocast, self.device):
             logits = self(images)
         logits = logits.float()  # the loss in fp32 whatever the autocast
@@ -269,7 +275,8 @@ class SegmentationTask(L.LightningModule):
         else:  # an all-ignore crop: no gradient signal, but not a NaN either
             loss = logits.sum() * 0.0
         # NaN/inf: stop naming the batch's files, or skip the step (mnv3det.tasks.divergence)
-        checked = checked_loss(self, loss, batch, batch_idx, self.hparams.nonfinite_loss)
+        policy = self.hparams.nonfinite_loss
+        checked = checked_loss(self, loss, batch, batch_idx, policy, buffers)
         if checked is not loss:  # skipped: None (or a zero-gradient loss under DDP)
             return checked
         self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
