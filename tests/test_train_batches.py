@@ -119,3 +119,18 @@ def test_cli_names_the_batch_size_in_one_line(tmp_path) -> None:
     errors = [line for line in proc.stderr.splitlines() if line.startswith("mnv3det fit: error")]
     assert len(errors) == 1 and "fewer than data.batch_size 4" in errors[0], proc.stderr[-2000:]
     assert "--data.batch_size 3 or lower" in errors[0]
+
+
+def test_images_skipped_at_setup_are_not_counted(tmp_path) -> None:
+    """on_error: skip leaves bad images out before sampling: 6 images, 3 missing -> 3 < batch 4."""
+    root = generate_shapes_coco(tmp_path / "coco", num_train=6, num_val=2, image_size=(96, 80))
+    for path in sorted((root / "train2017").iterdir())[:3]:
+        path.unlink()
+    dm = CocoDataModule(root, size=64, batch_size=4, num_workers=0, seed=0, on_error="skip")
+    dm.setup("fit")
+    with pytest.raises(TrainSetTooSmallError, match="has 3 images"):
+        dm.train_dataloader()
+    dm = CocoDataModule(root, size=64, batch_size=2, num_workers=0, seed=0, on_error="skip")
+    dm.setup("fit")
+    assert len(dm.train_dataloader()) == 1
+    assert dm.train_plan.startswith("train: 3 images, batch 2: 1 batch per epoch, the last 1")
