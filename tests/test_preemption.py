@@ -13,7 +13,9 @@ import sys
 import textwrap
 import time
 
+import lightning as L
 import pytest
+import torch
 from stop_runs import (
     ENV,
     STEPS_PER_EPOCH,
@@ -29,6 +31,9 @@ from stop_runs import (
     start_fit,
     wait_until,
 )
+
+from mnv3det.tasks.checkpoints import LastCheckpoint
+from mnv3det.tasks.guards import install_run_guards
 
 STOPPED = re.compile(
     r"^\[run\] stopped by (SIG\w+) at step (\d+): last\.ckpt \(step (\d+)\) written to (\S+); "
@@ -173,3 +178,74 @@ def test_grace_period_ends_a_stuck_run(tmp_path) -> None:
     out, _ = proc.communicate(timeout=TIMEOUT_S)
     assert proc.returncode == 128 + signal.SIGTERM
     assert "[run] no step boundary within 1 s of SIGTERM: stopping now" in out
+
+
+class Evaluated(L.LightningModule):
+    """4 training and 4 validation batches; a SIGTERM to itself at validation batch ``kill_at``
+    of validation number ``in_validation`` (0: the sanity check)."""
+
+    def __init__(self, in_validation: int, kill_at: int = 0) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+        self.in_validation, self.kill_at, self.validations = in_validation, kill_at, 0
+        self.validated: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        return (self.w * batch).square().mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.validated.append(batch_idx)
+        if self.validations == self.in_validation and batch_idx == self.kill_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_validation_end(self):
+        self.validations += 1
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.arange(8.0).view(8, 1), batch_size=2)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(torch.arange(8.0).view(8, 1), batch_size=2)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def evaluated_trainer(tmp_path, sanity_steps: int) -> L.Trainer:
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        default_root_dir=tmp_path,
+        logger=L.pytorch.loggers.CSVLogger(tmp_path, name="tiny"),
+        callbacks=[LastCheckpoint()],
+        num_sanity_val_steps=sanity_steps,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return install_run_guards(trainer)
+
+
+def test_sigterm_during_validation_stops_at_its_next_batch(tmp_path, capsys) -> None:
+    module = Evaluated(in_validation=1)  # the second epoch's validation
+    with pytest.raises(SystemExit) as stopped:
+        evaluated_trainer(tmp_path, sanity_steps=0).fit(module)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert module.validated == [0, 1, 2, 3, 0]  # the first validation whole, then one batch
+    err = capsys.readouterr().err
+    path = tmp_path / "tiny/version_0/checkpoints/last.ckpt"
+    assert f"[run] stopped by SIGTERM at step 8: last.ckpt (step 8) written to {path}" in err
+    assert load(path)["global_step"] == 8  # the end of the second epoch, before its validation
+
+
+def test_sigterm_in_the_sanity_check_stops_before_any_step(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        evaluated_trainer(tmp_path, sanity_steps=2).fit(Evaluated(in_validation=0))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM at step 0: no last.ckpt written yet" in capsys.readouterr().err
+
+
+def test_sigterm_in_validate_stops_it(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        evaluated_trainer(tmp_path, sanity_steps=0).validate(Evaluated(in_validation=0))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert "[run] stopped by SIGTERM in validate" in capsys.readouterr().err

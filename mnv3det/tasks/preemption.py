@@ -181,9 +181,10 @@ class PreemptionSignalConnector(_SignalConnector):
         if self.stop_signal is None:
             self.stop_signal = signum
         trainer = self.trainer
-        if trainer.sanity_checking or trainer.validating:
-            # Lightning's validation loop stops at its next batch; last.ckpt keeps the newest
-            # state taken before this validation
+        if trainer.state.fn != "fit" or trainer.sanity_checking or trainer.validating:
+            # Lightning's evaluation loops stop at their next batch; in a fit, last.ckpt keeps
+            # the newest state taken before this validation (predict never looks: the grace
+            # period ends it)
             self.received_sigterm = True
         if self._watcher is None:
             self._count(signum)
@@ -346,17 +347,23 @@ class Preemption(L.Callback):
         exception.code = 128 + int(signum)  # SystemExit's status (Lightning's is 0)
         if not trainer.is_global_zero:
             return
+        if trainer.state.fn != "fit":
+            stage = getattr(trainer.state.fn, "value", trainer.state.fn)  # "validate", ...
+            print(f"[run] stopped by {name} in {stage}", file=sys.stderr, flush=True)
+            return
         where = f"at step {trainer.global_step}"
-        if path is None:
+        if path is not None and last is not None:
+            saved = f"last.ckpt (step {last.saved_step}) written to {path}"
+        elif last is not None and last.last_model_path and os.path.isfile(last.last_model_path):
+            path = last.last_model_path  # a resumed run stopped before it saved anything
+            saved = f"the last.ckpt written before is {path}"
+        elif last is None:
             saved = (
-                "no last.ckpt written yet (add mnv3det.tasks.checkpoints.LastCheckpoint to "
+                "no last.ckpt written (add mnv3det.tasks.checkpoints.LastCheckpoint to "
                 "trainer.callbacks to resume from the stop)"
-                if last is None
-                else "no last.ckpt written yet: the run restarts from the beginning"
             )
         else:
-            step = last.saved_step if last is not None else "?"
-            saved = f"last.ckpt (step {step}) written to {path}"
+            saved = "no last.ckpt written yet: the run restarts from the beginning"
         command = resume_command()
         how = f"; resume with: {command}" if command and path else ""
         if not command and path:
