@@ -10,20 +10,28 @@ outside SLURM kills the process (the signal's default action).
 :class:`Preemption` builds on that mechanism:
 
 * its signal connector (:class:`PreemptionSignalConnector`, Lightning's ``_SignalConnector``
-  with another handler) records the signal, forwards it to the DDP processes Lightning started
-  (as Lightning does) and starts a grace timer; it does not stop the loops at once;
+  with another SIGTERM/SIGUSR1 handler) records the signal; a thread reading the interpreter's
+  wakeup fd forwards it to the DDP processes Lightning started (as Lightning does), says so and
+  starts the grace timer, also while the main thread is blocked. Lightning's own handler also
+  broadcasts from rank 0 inside the signal handler, a collective that can interleave with the
+  one the rank is in; here the ranks agree at a fixed point instead;
 * at the next training step boundary (``on_train_batch_end``, where ``last.ckpt`` is taken
-  and resumes exactly; under DDP all ranks agree on the step through one all-reduce), it has
-  :class:`~mnv3det.tasks.checkpoints.LastCheckpoint` take the state and sets Lightning's
+  and resumes exactly; under DDP all ranks agree on the step through one all-reduce per step),
+  it has :class:`~mnv3det.tasks.checkpoints.LastCheckpoint` take the state and sets Lightning's
   ``received_sigterm``, so Lightning's loops raise ``SIGTERMException`` right after;
-* while validating (or in the sanity check) Lightning's validation loop stops at its next
-  batch; ``last.ckpt`` then holds the newest state taken before;
+* while validating (or in the sanity check, or in ``validate``/``test``) Lightning's evaluation
+  loop stops at its next batch; ``last.ckpt`` then holds the newest state taken before;
 * on the exception it writes ``last.ckpt``, prints one line (step, file, resume command) and
   sets the exit status to ``128 + signal`` (143 for SIGTERM, 138 for SIGUSR1), the shell's
   status of a process ended by that signal: the job did not finish, so a scheduler (SLURM's
   ``afterok``, a Kubernetes Job, ``torchrun``) does not take it as done;
 * a run that cannot reach a step boundary (stuck in a data loader or a collective) ends hard
-  on a second signal or when the grace period runs out (same status, without a checkpoint).
+  on a repeated signal (one second or more after the first: a signal to the whole process
+  group reaches the DDP ranks twice) or when the grace period runs out (same status, no
+  checkpoint);
+* DataLoader workers forked during the run block these signals: a signal to every process of
+  the job (SLURM's ``scancel`` and time limit) would otherwise kill them, and the run would
+  fail on the lost worker instead of stopping.
 
 Under SLURM with Lightning's auto-requeue (``SLURMEnvironment``, on by default when the job runs
 under ``srun``/``sbatch``) the requeue signal keeps Lightning's handler: it saves
@@ -109,7 +117,6 @@ class PreemptionSignalConnector(_SignalConnector):
         self._timer: threading.Timer | None = None
         self._watcher: threading.Thread | None = None
         self._pipe: tuple[int, int] | None = None
-        self._old_wakeup_fd = -1
 
     def register_signal_handlers(self) -> None:
         self.received_sigterm = False
@@ -243,6 +250,7 @@ class PreemptionSignalConnector(_SignalConnector):
 
     def teardown(self) -> None:
         super().teardown()
+        self.cancel_grace()  # the run is over (e.g. it reached its last step after the signal)
         _leave_signals_to_this_process(())
         if self._pipe is not None and threading.current_thread() is threading.main_thread():
             signal.set_wakeup_fd(-1)
