@@ -223,13 +223,17 @@ class PreemptionSignalConnector(_SignalConnector):
                 f"(send it again{grace}: stop at once)"
             )
         if self.grace_s > 0:
-            self._timer = threading.Timer(
-                self.grace_s,
-                self._hard_exit,
-                args=(signum, f"no step boundary within {self.grace_s:g} s of {name}"),
-            )
+            self._timer = threading.Timer(self.grace_s, self._grace_over, args=(signum,))
             self._timer.daemon = True
             self._timer.start()
+
+    def _grace_over(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.received_sigterm and self.trainer.state.fn == "fit":
+            # the stop itself hangs (after last.ckpt, e.g. in a DDP teardown)
+            self._hard_exit(signum, f"the stop did not end within {self.grace_s:g} s of {name}")
+        else:
+            self._hard_exit(signum, f"no step boundary within {self.grace_s:g} s of {name}")
 
     def _hard_exit(self, signum: int, why: str) -> None:
         _say(
@@ -250,7 +254,9 @@ class PreemptionSignalConnector(_SignalConnector):
 
     def teardown(self) -> None:
         super().teardown()
-        self.cancel_grace()  # the run is over (e.g. it reached its last step after the signal)
+        # the trainer is done (stopped, or it reached its last step after the signal); the timer
+        # ran until here, so a stop that hangs in its teardown (a collective) still ends
+        self.cancel_grace()
         _leave_signals_to_this_process(())
         if self._pipe is not None and threading.current_thread() is threading.main_thread():
             signal.set_wakeup_fd(-1)
@@ -351,7 +357,6 @@ class Preemption(L.Callback):
         name = signal.Signals(signum).name
         last = self._last_checkpoint(trainer)
         path = last.flush(trainer) if last is not None else None  # before the line saying so
-        connector.cancel_grace()
         exception.code = 128 + int(signum)  # SystemExit's status (Lightning's is 0)
         if not trainer.is_global_zero:
             return
