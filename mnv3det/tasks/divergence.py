@@ -224,6 +224,7 @@ def checked_loss(
         if bad and policy == "raise":
             raise NonFiniteLossError(f"the training loss is {loss.item()}; {_FIX}")
         return None if bad else loss
+    here = bad
     if trainer.world_size > 1:
         bad = trainer.strategy.reduce_boolean_decision(bad, all=False)  # all ranks alike
     if not bad:
@@ -234,6 +235,8 @@ def checked_loss(
     value = loss.detach().float().item()
     where = _where(trainer, batch_idx)
     files = _describe_files(batch_files(trainer, batch, batch_idx))
+    if not here:  # under DDP: another process's batch (its own message names the files)
+        files = f"the batch of another process (this process's was finite: {files})"
     broken = first_nonfinite(dict(module.named_parameters()))
     if broken is not None:
         raise NonFiniteWeightsError(
