@@ -72,6 +72,15 @@ def test_sigterm_mid_epoch_writes_last_ckpt_and_the_printed_command_resumes(tmp_
     assert "[run] --ckpt_path last: continuing from" in out
     assert last_step(tmp_path) == 4 * STEPS_PER_EPOCH
     assert sorted(p.name for p in logs_of(tmp_path).iterdir()) == ["version_0"]
+    # the same weights as a run that was never stopped (CPU, fixed seed)
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    code, out = run_fit(argv[2:-2], straight)
+    assert code == 0, out[-3000:]
+    resumed = load(logs_of(tmp_path) / "version_0/checkpoints/last.ckpt")["state_dict"]
+    uninterrupted = load(logs_of(straight) / "version_0/checkpoints/last.ckpt")["state_dict"]
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
 
 
 @pytest.mark.slow
