@@ -121,10 +121,11 @@ def test_sigterm_to_every_process_under_ddp_stops_all_ranks_at_one_step(tmp_path
         raise AssertionError("processes of the run were left behind")
 
 
-# A training step that never ends (as one stuck in a data loader or a collective).
+# A training step blocked in a C call that never returns and never runs Python code (as one
+# stuck in a collective): Python's signal handlers cannot run; the watcher thread must act.
 STUCK = textwrap.dedent(
     """
-    import sys, time
+    import ctypes, pathlib, sys
     import lightning as L, torch
     from mnv3det.tasks.guards import install_run_guards
     from mnv3det.tasks.preemption import Preemption
@@ -134,9 +135,10 @@ STUCK = textwrap.dedent(
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(1))
         def training_step(self, batch, batch_idx):
-            print("stuck", flush=True)
-            while True:
-                time.sleep(0.05)
+            libc, mutex = ctypes.CDLL(None), ctypes.create_string_buffer(64)  # zeros: unlocked
+            libc.pthread_mutex_lock(mutex)
+            pathlib.Path(sys.argv[2]).touch()
+            libc.pthread_mutex_lock(mutex)  # again: blocks for ever, signals do not end it
         def train_dataloader(self):
             return torch.utils.data.DataLoader(torch.zeros(8, 1), batch_size=2)
         def configure_optimizers(self):
@@ -151,41 +153,37 @@ STUCK = textwrap.dedent(
 )
 
 
-def start_stuck(grace_s: float) -> subprocess.Popen:
+def start_stuck(grace_s: float, tmp_path) -> subprocess.Popen:
+    stuck = tmp_path / "stuck"
     proc = subprocess.Popen(
-        [sys.executable, "-c", STUCK, str(grace_s)],
+        [sys.executable, "-c", STUCK, str(grace_s), str(stuck)],
         env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    assert proc.stdout is not None
-    for line in proc.stdout:  # the step has started (handlers are registered before it)
-        if line.startswith("stuck"):
-            return proc
-    raise AssertionError(f"the script ended: {proc.communicate()[0]}")
+    wait_until(proc, stuck.exists, "the stuck training step")
+    return proc
 
 
 def test_repeated_sigterm_ends_a_stuck_run(tmp_path) -> None:
-    proc = start_stuck(grace_s=0)  # no grace period: only the repeated signal ends it
+    proc = start_stuck(0, tmp_path)  # no grace period: only the repeated signal ends it
     proc.send_signal(signal.SIGTERM)
-    assert proc.stdout is not None
-    assert "SIGTERM received" in proc.stdout.readline()  # the watcher thread answers
-    # a repeat counts after REPEAT_AFTER_S; send until it ends (deadline: TIMEOUT_S)
-    try:
+    try:  # a repeat counts REPEAT_AFTER_S after the first
         proc.wait(timeout=1.5)
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=TIMEOUT_S)
-    assert proc.returncode == 128 + signal.SIGTERM
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "[run] SIGTERM received: stopping at the next step boundary" in out
     assert "[run] SIGTERM again: stopping now without writing a checkpoint" in out
 
 
 def test_grace_period_ends_a_stuck_run(tmp_path) -> None:
-    proc = start_stuck(grace_s=1)
+    proc = start_stuck(1, tmp_path)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=TIMEOUT_S)
-    assert proc.returncode == 128 + signal.SIGTERM
+    assert proc.returncode == 128 + signal.SIGTERM, out
     assert "[run] no step boundary within 1 s of SIGTERM: stopping now" in out
 
 
