@@ -256,3 +256,16 @@ def test_sigterm_in_validate_stops_it(tmp_path, capsys) -> None:
         evaluated_trainer(tmp_path, sanity_steps=0).validate(Evaluated(in_validation=0))
     assert stopped.value.code == 128 + signal.SIGTERM
     assert "[run] stopped by SIGTERM in validate" in capsys.readouterr().err
+
+
+def test_guards_add_one_preemption_or_use_the_configs() -> None:
+    from mnv3det.tasks.divergence import NonFiniteGuard
+    from mnv3det.tasks.preemption import Preemption, PreemptionSignalConnector
+
+    for given, grace in (([], 60.0), ([Preemption(grace_s=5)], 5.0)):
+        trainer = install_run_guards(L.Trainer(accelerator="cpu", logger=False, callbacks=given))
+        install_run_guards(trainer)  # twice: still one of each
+        assert sum(isinstance(c, Preemption) for c in trainer.callbacks) == 1
+        assert sum(isinstance(c, NonFiniteGuard) for c in trainer.callbacks) == 1
+        assert isinstance(trainer._signal_connector, PreemptionSignalConnector)
+        assert trainer._signal_connector.grace_s == grace

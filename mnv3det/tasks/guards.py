@@ -13,6 +13,8 @@ used instead of a default one.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.accelerators import CUDAAccelerator
@@ -46,7 +48,10 @@ def _sync_batchnorm_where_it_runs(trainer: L.Trainer) -> None:
         )
 
 
-def _add_callback(trainer: L.Trainer, callback: Callback) -> Callback:
+C = TypeVar("C", bound=Callback)
+
+
+def _add_callback(trainer: L.Trainer, callback: C) -> C:
     """``callback``, or the one of its type already in ``trainer.callbacks`` (the config's)."""
     found = next((c for c in trainer.callbacks if isinstance(c, type(callback))), None)
     if found is not None:
@@ -61,9 +66,7 @@ def _add_callback(trainer: L.Trainer, callback: Callback) -> Callback:
 
 
 def _stop_on_signals(trainer: L.Trainer) -> None:
-    preemption = _add_callback(trainer, Preemption())
-    assert isinstance(preemption, Preemption)
-    preemption.install(trainer)
+    _add_callback(trainer, Preemption()).install(trainer)
 
 
 def install_run_guards(trainer: L.Trainer) -> L.Trainer:
