@@ -28,6 +28,7 @@ from stop_runs import (
     wait_until,
 )
 
+from mnv3det.cli import runs
 from mnv3det.cli.runs import SLURM_MARKER, VERSION_ENV, prepare_run_folder
 
 
@@ -170,3 +171,19 @@ def test_auto_requeue_signal_then_sigterm_then_the_requeued_job_continues(tmp_pa
     assert str(folder.relative_to(tmp_path) / "checkpoints" / "last.ckpt") in out
     assert sorted(p.name for p in logs_of(tmp_path).iterdir()) == ["version_0"]
     assert last_step(tmp_path) == 4 * STEPS_PER_EPOCH
+
+
+def test_other_tasks_take_task_0s_folder(tmp_path, _slurm, monkeypatch) -> None:
+    (tmp_path / "exp/version_0").mkdir(parents=True)  # an older run
+    _slurm("600")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setattr(runs, "SLURM_WAIT_S", 0.2)
+    with pytest.raises(runs.SlurmRunFolderError, match="task 0 of job 600 recorded no run folder"):
+        prepared(config(tmp_path))  # task 0 has not started yet
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert prepared(config(tmp_path))[0] == "version_1"
+    (tmp_path / "exp/version_2").mkdir()  # e.g. another run started meanwhile
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.delenv(VERSION_ENV)
+    assert prepared(config(tmp_path))[0] == "version_1"
