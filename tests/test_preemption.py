@@ -269,3 +269,32 @@ def test_guards_add_one_preemption_or_use_the_configs() -> None:
         assert sum(isinstance(c, NonFiniteGuard) for c in trainer.callbacks) == 1
         assert isinstance(trainer._signal_connector, PreemptionSignalConnector)
         assert trainer._signal_connector.grace_s == grace
+
+
+class Accumulating(Evaluated):
+    """A SIGTERM to itself in the first batch of a 2-batch accumulation window."""
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().training_step(batch, batch_idx)
+
+
+def test_sigterm_mid_accumulation_stops_after_the_optimiser_step(tmp_path, capsys) -> None:
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        accumulate_grad_batches=2,
+        default_root_dir=tmp_path,
+        logger=L.pytorch.loggers.CSVLogger(tmp_path, name="tiny"),
+        callbacks=[LastCheckpoint()],
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(SystemExit):
+        install_run_guards(trainer).fit(Accumulating(in_validation=-1))
+    checkpoint = load(tmp_path / "tiny/version_0/checkpoints/last.ckpt")
+    assert checkpoint["global_step"] == 1  # after batches 0 and 1, one optimiser step
+    assert checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 2
+    assert "stopped by SIGTERM at step 1" in capsys.readouterr().err

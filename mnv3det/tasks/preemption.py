@@ -331,16 +331,20 @@ class Preemption(L.Callback):
         batch_idx: int,
     ) -> None:
         connector = self._connector
-        if connector is None:
+        if connector is None or connector.received_sigterm:
             return
+        accumulate = max(1, trainer.accumulate_grad_batches)
+        last_batch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if (batch_idx + 1) % accumulate and not last_batch:
+            return  # mid-accumulation: a state without its pending gradients does not resume
         asked = connector.stop_signal is not None
         if trainer.world_size > 1:
             # every rank stops at the same step (the checkpoint is taken on all of them); one
-            # tiny all-reduce per step, as Lightning's own per-step SIGTERM broadcast
+            # tiny all-reduce per optimiser step, as Lightning's own per-batch SIGTERM broadcast
             asked = trainer.strategy.reduce_boolean_decision(asked, all=False)
             if asked and connector.stop_signal is None:
                 connector.stop_signal = signal.SIGTERM  # asked on another rank
-        if not asked or connector.received_sigterm:
+        if not asked:
             return
         last = self._last_checkpoint(trainer)
         if last is not None:
