@@ -144,3 +144,16 @@ def test_sigkill_during_rewrites_with_tmpdir_on_another_file_system(tmp_path) ->
     # the next write removes the temporaries the kills left beside the file
     AtomicCheckpointIO().save_checkpoint(checkpoint(0), path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_permissions_of_a_new_and_of_a_replaced_file(tmp_path) -> None:
+    umask = os.umask(0o022)
+    try:
+        path = tmp_path / "last.ckpt"
+        write_atomically(b"a", path)
+        assert path.stat().st_mode & 0o777 == 0o644  # as a file torch.save creates, not 0600
+        path.chmod(0o640)
+        write_atomically(b"b", path)
+        assert path.stat().st_mode & 0o777 == 0o640  # the replaced file's
+    finally:
+        os.umask(umask)

@@ -44,6 +44,15 @@ def _fsync_folder(folder: Path) -> None:
             os.close(fd)
 
 
+def _permissions(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def write_atomically(data: bytes, path: str | os.PathLike) -> None:
     """Write ``data`` to ``path`` through a fsync'ed temporary file in the same folder.
 
@@ -65,6 +74,9 @@ def write_atomically(data: bytes, path: str | os.PathLike) -> None:
             f"permissions of {folder} (the previous checkpoint there is intact)"
         ) from err
     try:
+        # mkstemp makes the file private (0600); a checkpoint gets the permissions of the file
+        # it replaces, or those of any new file (0666 less the umask), as torch.save would give
+        os.fchmod(fd, _permissions(path))
         with os.fdopen(fd, "wb") as file:
             file.write(data)
             file.flush()
