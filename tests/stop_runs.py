@@ -69,14 +69,7 @@ def start_fit(
 
 
 def run_fit(args: list[str], cwd: Path, **kwargs) -> tuple[int, str]:
-    proc = start_fit(args, cwd, **kwargs)
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    return proc.returncode, out
+    return finish(start_fit(args, cwd, **kwargs))
 
 
 def wait_until(proc: subprocess.Popen, ready: Callable[[], bool], what: str) -> None:
