@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import lightning as L
@@ -187,6 +188,20 @@ def test_grace_period_ends_a_stuck_run(tmp_path) -> None:
     assert "[run] no step boundary within 1 s of SIGTERM: stopping now" in out
 
 
+@pytest.fixture
+def no_grace_timer_left():
+    """A run stopped in this process leaves no grace timer behind: one would end the whole
+    process (here pytest) with status 143 a minute later."""
+    yield
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        timers = [t for t in threading.enumerate() if isinstance(t, threading.Timer)]
+        if not [t for t in timers if t.is_alive() and not t.finished.is_set()]:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"grace timers still running after the run: {timers}")
+
+
 class Evaluated(L.LightningModule):
     """4 training and 4 validation batches; a SIGTERM to itself at validation batch ``kill_at``
     of validation number ``in_validation`` (0: the sanity check)."""
@@ -232,7 +247,9 @@ def evaluated_trainer(tmp_path, sanity_steps: int) -> L.Trainer:
     return install_run_guards(trainer)
 
 
-def test_sigterm_during_validation_stops_at_its_next_batch(tmp_path, capsys) -> None:
+def test_sigterm_during_validation_stops_at_its_next_batch(
+    tmp_path, capsys, no_grace_timer_left
+) -> None:
     module = Evaluated(in_validation=1)  # the second epoch's validation
     with pytest.raises(SystemExit) as stopped:
         evaluated_trainer(tmp_path, sanity_steps=0).fit(module)
@@ -244,14 +261,16 @@ def test_sigterm_during_validation_stops_at_its_next_batch(tmp_path, capsys) -> 
     assert load(path)["global_step"] == 8  # the end of the second epoch, before its validation
 
 
-def test_sigterm_in_the_sanity_check_stops_before_any_step(tmp_path, capsys) -> None:
+def test_sigterm_in_the_sanity_check_stops_before_any_step(
+    tmp_path, capsys, no_grace_timer_left
+) -> None:
     with pytest.raises(SystemExit) as stopped:
         evaluated_trainer(tmp_path, sanity_steps=2).fit(Evaluated(in_validation=0))
     assert stopped.value.code == 128 + signal.SIGTERM
     assert "stopped by SIGTERM at step 0: no last.ckpt written yet" in capsys.readouterr().err
 
 
-def test_sigterm_in_validate_stops_it(tmp_path, capsys) -> None:
+def test_sigterm_in_validate_stops_it(tmp_path, capsys, no_grace_timer_left) -> None:
     with pytest.raises(SystemExit) as stopped:
         evaluated_trainer(tmp_path, sanity_steps=0).validate(Evaluated(in_validation=0))
     assert stopped.value.code == 128 + signal.SIGTERM
@@ -280,7 +299,9 @@ class Accumulating(Evaluated):
         return super().training_step(batch, batch_idx)
 
 
-def test_sigterm_mid_accumulation_stops_after_the_optimiser_step(tmp_path, capsys) -> None:
+def test_sigterm_mid_accumulation_stops_after_the_optimiser_step(
+    tmp_path, capsys, no_grace_timer_left
+) -> None:
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=3,

@@ -115,6 +115,9 @@ class PreemptionSignalConnector(_SignalConnector):
         self._first_at: float | None = None
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
+        self._ended = False
+        """The trainer's run is over: no grace timer may start any more (the watcher thread can
+        count a signal after the main thread has already stopped and torn down)."""
         self._watcher: threading.Thread | None = None
         self._pipe: tuple[int, int] | None = None
 
@@ -122,6 +125,7 @@ class PreemptionSignalConnector(_SignalConnector):
         self.received_sigterm = False
         self.stop_signal = None
         self._first_at = None
+        self._ended = False
         self._original_handlers = self._get_current_signal_handlers()
         if not hasattr(signal, "SIGUSR1"):  # Windows: Lightning registers nothing there either
             return
@@ -201,6 +205,8 @@ class PreemptionSignalConnector(_SignalConnector):
         name = signal.Signals(signum).name
         now = time.monotonic()
         with self._lock:
+            if self._ended:
+                return
             first = self._first_at is None
             if first:
                 self._first_at = now
@@ -223,9 +229,12 @@ class PreemptionSignalConnector(_SignalConnector):
                 f"(send it again{grace}: stop at once)"
             )
         if self.grace_s > 0:
-            self._timer = threading.Timer(self.grace_s, self._grace_over, args=(signum,))
-            self._timer.daemon = True
-            self._timer.start()
+            with self._lock:
+                if self._ended:
+                    return
+                self._timer = threading.Timer(self.grace_s, self._grace_over, args=(signum,))
+                self._timer.daemon = True
+                self._timer.start()
 
     def _grace_over(self, signum: int) -> None:
         name = signal.Signals(signum).name
@@ -247,10 +256,12 @@ class PreemptionSignalConnector(_SignalConnector):
         os._exit(128 + int(signum))
 
     def cancel_grace(self) -> None:
-        """Stop the grace timer (the run reached its stop)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        """Stop the grace timer and start no other (the run reached its stop)."""
+        with self._lock:
+            self._ended = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
 
     def teardown(self) -> None:
         super().teardown()
