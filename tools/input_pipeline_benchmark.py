@@ -280,8 +280,7 @@ def our_pipeline(
         "num_workers": template.num_workers,
         "collate_fn": template.collate_fn,
         "pin_memory": template.pin_memory,
-        "drop_last": template.drop_last,
-    }
+    }  # drop_last: make_train_loader decides it as train_dataloader() does
     del template
 
     def make_loader() -> DataLoader:
