@@ -39,6 +39,28 @@ def make_checkpoint_safe(checkpoint: dict[str, Any]) -> None:
             checkpoint[key] = plain(checkpoint[key])
 
 
+def validation_still_to_run(checkpoint: dict[str, Any]) -> None:
+    """Mark a state taken right before a validation so that a resume from it runs it again.
+
+    The state is taken at ``on_train_batch_end`` and written as the validation that follows
+    starts; Lightning would take a resume from it for "that validation is done" and skip it
+    (its metrics row, and the best-model callback's look at them, would be lost). Its loop
+    progress is rewritten to what Lightning records for a checkpoint saved inside that
+    validation before its first batch: the training batch completed, one validation batch
+    started. Lightning then runs the validation first, from its first batch, and goes on.
+    """
+    loops = checkpoint.get("loops", {}).get("fit_loop", {})
+    train = loops.get("epoch_loop.batch_progress")
+    val = loops.get("epoch_loop.val_loop.batch_progress")
+    if train is None or val is None:
+        return
+    for part in ("total", "current"):
+        train[part]["completed"] = train[part]["processed"]
+    done = val["total"]["completed"]
+    val["total"].update(ready=done + 1, started=done + 1, processed=done, completed=done)
+    val["current"].update(ready=1, started=1, processed=0, completed=0)
+
+
 class LastCheckpoint(ModelCheckpoint):
     """Keep ``last.ckpt`` the newest state of the run, for ``--ckpt_path last``.
 
@@ -150,6 +172,8 @@ class LastCheckpoint(ModelCheckpoint):
         self._write_pending(trainer)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending is not None and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            validation_still_to_run(self._pending[0])
         self._write_pending(trainer)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
