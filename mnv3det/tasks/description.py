@@ -1,4 +1,4 @@
-"""Model descriptions in task checkpoints (issue 9: "checkpoints that know their model").
+"""Model descriptions in task checkpoints: checkpoints that know their model.
 
 Both tasks call :func:`describe_in_checkpoint` from ``on_save_checkpoint`` (after
 :func:`mnv3det.tasks.checkpoints.make_checkpoint_safe`):

@@ -340,16 +340,15 @@ class CocoDataModule(ResumableTrainData, DataReport, L.LightningDataModule):
         )
 
     # ------------------------------------------------------------------ loaders
-    def _loader(self, dataset: Dataset | None, shuffle: bool, name: str) -> DataLoader:
+    def _eval_loader(self, dataset: Dataset | None, name: str) -> DataLoader:
+        """Validation, test and predict loader: every image once, in order."""
         if dataset is None:
             raise RuntimeError(f"{name} data set is not set up; call setup() with the right stage")
-        # under DDP every image is evaluated once, on one process (no padded repeats)
-        sampler = None if shuffle else eval_sampler(dataset, name)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
+            # under DDP every image is evaluated once, on one process (no padded repeats)
+            sampler=eval_sampler(dataset, name),
             num_workers=self.num_workers,
             collate_fn=collate_detection,
             pin_memory=self.pin_memory,
@@ -384,13 +383,13 @@ class CocoDataModule(ResumableTrainData, DataReport, L.LightningDataModule):
         return (images, *rest)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, shuffle=False, name="val")
+        return self._eval_loader(self.val_dataset, name="val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, shuffle=False, name="test")
+        return self._eval_loader(self.test_dataset, name="test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_dataset, shuffle=False, name="predict")
+        return self._eval_loader(self.predict_dataset, name="predict")
 
     def report_stats(self) -> str:
         """The summaries of every data set set up so far (printed at the end of a run)."""

@@ -222,14 +222,13 @@ class CityscapesDataModule(ResumableTrainData, DataReport, L.LightningDataModule
         }.get(stage, ())
         return [d for d in built if d is not None]
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _eval_loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
+        """Validation, test and predict loader: every image once, in order."""
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
             # under DDP every image is evaluated once, on one process (no padded repeats)
-            sampler=None if shuffle else eval_sampler(dataset),
-            drop_last=shuffle and len(dataset) >= batch_size,  # BN dislikes a tiny last batch
+            sampler=eval_sampler(dataset),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
@@ -252,13 +251,13 @@ class CityscapesDataModule(ResumableTrainData, DataReport, L.LightningDataModule
         )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, self.val_batch_size, shuffle=False)
+        return self._eval_loader(self.val_dataset, self.val_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, self.val_batch_size, shuffle=False)
+        return self._eval_loader(self.test_dataset, self.val_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_dataset, self.val_batch_size, shuffle=False)
+        return self._eval_loader(self.predict_dataset, self.val_batch_size)
 
     @staticmethod
     def class_table(values: Sequence[float]) -> list[tuple[str, float]]:
